@@ -1,0 +1,1 @@
+"""LangChain 1.x integration of agentsleep."""
