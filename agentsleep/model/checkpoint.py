@@ -90,7 +90,10 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> SleepHybr
     model = SleepHybrid(config)
     if config.tie_embeddings:
         tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"{weights} does not match its config: {e}") from e
     if missing or unexpected:
         raise CheckpointError(f"{weights} does not match its config: missing {missing}, unexpected {unexpected}")
     model.to(device).eval()
