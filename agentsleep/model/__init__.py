@@ -1,0 +1,15 @@
+"""The sleep hybrid: ops, layers, model, fast-weight state."""
+
+from agentsleep.model.hybrid import HybridConfig, SleepHybrid, WindowCache, fingerprint_of
+from agentsleep.model.ops import gated_delta_rule, gated_delta_rule_reference
+from agentsleep.model.state import FastWeights
+
+__all__ = [
+    "FastWeights",
+    "HybridConfig",
+    "SleepHybrid",
+    "WindowCache",
+    "fingerprint_of",
+    "gated_delta_rule",
+    "gated_delta_rule_reference",
+]

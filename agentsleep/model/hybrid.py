@@ -215,7 +215,7 @@ class SleepHybrid(nn.Module):
                      torch.zeros(batch, a.n_kv, 0, a.head_dim, device=dev))
                 )  # fmt: skip
             kv_valid = torch.zeros(batch, 0, device=dev)
-        return FastWeights(ssm=ssm, kv=kv, kv_valid=kv_valid, fingerprint=self.fingerprint)
+        return FastWeights(ssm=ssm, kv=kv, kv_valid=kv_valid, fingerprint=self.fingerprint, batch=batch)
 
     def state_shapes(self, batch: int = 1) -> dict[str, list[int]]:
         """Shapes a compatible state must have (retained K/V lengths vary, so sliding states are checked by layer)."""
@@ -280,8 +280,9 @@ class SleepHybrid(nn.Module):
     ) -> FastWeights:
         """The state that crosses into the next window: S, and under sliding eviction the last L−1 K/V re-rotated into
         the next window's frame (it starts ``n_slots`` positions later)."""
+        B = key_valid.shape[0]
         if self.config.eviction == "hard":
-            return FastWeights(ssm=ssm, fingerprint=fp)
+            return FastWeights(ssm=ssm, fingerprint=fp, batch=B)
         keep = self.config.window - 1
         kv = []
         for blk, (k, v) in zip(self._attn_layers(), kvs):
@@ -289,7 +290,7 @@ class SleepHybrid(nn.Module):
             start = k.shape[2] - min(keep, k.shape[2])
             kv.append((shift_keys(k[:, :, start:], -n_slots, a.head_dim, a.theta), v[:, :, start:]))
         kv_valid = key_valid[:, key_valid.shape[1] - min(keep, key_valid.shape[1]) :].float()
-        return FastWeights(ssm=ssm, kv=kv, kv_valid=kv_valid, fingerprint=fp)
+        return FastWeights(ssm=ssm, kv=kv, kv_valid=kv_valid, fingerprint=fp, batch=B)
 
     def _run_window(
         self, tokens: Tensor, state: FastWeights, passes: int, use_checkpoint: bool = False

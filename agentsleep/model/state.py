@@ -42,18 +42,25 @@ class FastWeights:
         kv_valid: sliding-window eviction only: ``[B, n]`` float32, 1.0 where the retained token is real and 0.0 where
             it is padding (masked out of attention). None under hard eviction.
         fingerprint: the model fingerprint this state was produced by (``SleepHybrid.fingerprint``).
+        batch: the number of streams, needed only when there is no tensor to read it from (a model without GDN
+            layers under hard eviction carries nothing across windows).
     """
 
     ssm: list[torch.Tensor]
     kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     kv_valid: torch.Tensor | None = None
     fingerprint: str = ""
+    batch: int | None = None
 
     # ---------------------------------------------------------------- basic properties
 
     @property
     def batch_size(self) -> int:
-        return int(self.ssm[0].shape[0]) if self.ssm else int(self.kv[0][0].shape[0]) if self.kv else 0
+        if self.ssm:
+            return int(self.ssm[0].shape[0])
+        if self.kv:
+            return int(self.kv[0][0].shape[0])
+        return self.batch or 0
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor view, in a fixed order (the wire format's keys)."""
@@ -74,6 +81,7 @@ class FastWeights:
             kv=[(fn(k), fn(v)) for k, v in self.kv],
             kv_valid=None if self.kv_valid is None else fn(self.kv_valid),
             fingerprint=self.fingerprint,
+            batch=self.batch,
         )
 
     def to(self, device: torch.device | str) -> FastWeights:
@@ -87,7 +95,11 @@ class FastWeights:
 
     def select(self, index: int) -> FastWeights:
         """The state of stream ``index`` as a batch of one."""
-        return self._map(lambda t: t[index : index + 1])
+        if not 0 <= index < self.batch_size:
+            raise InvalidInput(f"stream {index} does not exist in a batch of {self.batch_size}")
+        out = self._map(lambda t: t[index : index + 1])
+        out.batch = 1
+        return out
 
     @staticmethod
     def stack(states: Sequence[FastWeights]) -> FastWeights:
@@ -104,7 +116,8 @@ class FastWeights:
             for i in range(len(first.kv))
         ]
         kv_valid = None if first.kv_valid is None else torch.cat([s.kv_valid for s in states])  # type: ignore[misc]
-        return FastWeights(ssm=ssm, kv=kv, kv_valid=kv_valid, fingerprint=first.fingerprint)
+        batch = sum(s.batch_size for s in states)
+        return FastWeights(ssm=ssm, kv=kv, kv_valid=kv_valid, fingerprint=first.fingerprint, batch=batch)
 
     def split(self) -> Iterator[FastWeights]:
         for b in range(self.batch_size):
@@ -132,6 +145,7 @@ class FastWeights:
             "dtype": "float32",
             "n_ssm": str(len(self.ssm)),
             "n_kv": str(len(self.kv)),
+            "batch": str(self.batch_size),
             "shapes": json.dumps({k: list(t.shape) for k, t in tensors.items()}, sort_keys=True),
             "sha256": _tensor_digest(tensors),
         }
@@ -185,7 +199,8 @@ class FastWeights:
             kv_valid = tensors["kv_valid"].to(device) if n_kv else None
         except KeyError as e:
             raise SnapshotCorrupt(f"snapshot lacks tensor {e}") from e
-        return cls(ssm=ssm, kv=kv, kv_valid=kv_valid, fingerprint=meta["fingerprint"])
+        batch = int(meta.get("batch", 0)) or None
+        return cls(ssm=ssm, kv=kv, kv_valid=kv_valid, fingerprint=meta["fingerprint"], batch=batch)
 
 
 def read_header(data: bytes) -> dict[str, str]:
