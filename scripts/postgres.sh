@@ -4,7 +4,7 @@
 set -euo pipefail
 PORT=${AGENTSLEEP_PG_PORT:-5432}
 USER_=agentsleep; PASS=agentsleep; DB=agentsleep
-SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+if [ "$(id -u)" = 0 ]; then SUDO=""; AS_PG="runuser -u postgres --"; else SUDO="sudo -n"; AS_PG="sudo -n -u postgres"; fi
 if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq >&2
@@ -16,12 +16,12 @@ if ! pg_lsclusters -h 2>/dev/null | grep -q "^$VER main"; then
 fi
 $SUDO pg_ctlcluster "$VER" main start >&2 2>/dev/null || true
 for _ in $(seq 1 30); do
-  $SUDO -u postgres psql -qtAc "select 1" >/dev/null 2>&1 && break
+  $AS_PG psql -qtAc "select 1" >/dev/null 2>&1 && break
   sleep 1
 done
-PORT=$($SUDO -u postgres psql -qtAc "show port")
-$SUDO -u postgres psql -qtAc "select 1 from pg_roles where rolname='$USER_'" | grep -q 1 \
-  || $SUDO -u postgres psql -qc "create role $USER_ login password '$PASS' createdb" >&2
-$SUDO -u postgres psql -qtAc "select 1 from pg_database where datname='$DB'" | grep -q 1 \
-  || $SUDO -u postgres psql -qc "create database $DB owner $USER_" >&2
+PORT=$($AS_PG psql -qtAc "show port")
+$AS_PG psql -qtAc "select 1 from pg_roles where rolname='$USER_'" | grep -q 1 \
+  || $AS_PG psql -qc "create role $USER_ login password '$PASS' createdb" >&2
+$AS_PG psql -qtAc "select 1 from pg_database where datname='$DB'" | grep -q 1 \
+  || $AS_PG psql -qc "create database $DB owner $USER_" >&2
 echo "postgresql+psycopg://$USER_:$PASS@127.0.0.1:$PORT/$DB"

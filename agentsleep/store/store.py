@@ -1,0 +1,776 @@
+"""`SnapshotStore`: save, load, fork and prune agents' memories (fast weights + window) in SQLite or Postgres.
+
+Every public method is one unit of work (one transaction) and is safe to call from many threads, processes and hosts
+at once. Guarantees (tested in tests/store/):
+
+- a save is atomic: the snapshot row and the agent's current pointer change together or not at all;
+- sequence numbers increase strictly per agent, also under concurrent writers (the agent row is the lock);
+- a load verifies the payload's sha256 before parsing anything and raises `SnapshotCorrupt` for damaged data,
+  changing nothing (the agent keeps pointing at its last good snapshot; other snapshots load fine);
+- an agent's model fingerprint and state shapes are fixed at its first save (`SnapshotMismatch` otherwise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import torch
+from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
+from sqlalchemy.orm import Session, undefer
+
+from agentsleep.errors import (
+    AgentSleepError,
+    InvalidInput,
+    SnapshotCorrupt,
+    SnapshotMismatch,
+    StoreError,
+    UnknownAgent,
+    UnknownSnapshot,
+)
+from agentsleep.model.state import FastWeights
+from agentsleep.store import payload as container
+from agentsleep.store.blobs import BlobDir
+from agentsleep.store.engine import Synchronous, make_engine, upgrade, writer
+from agentsleep.store.models import ID_LEN, Agent, SleepJob, Snapshot, utcnow
+from agentsleep.store.records import AgentRecord, LoadedSnapshot, SleepJobRecord, SnapshotRecord
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "sqlite:///agentsleep.db"
+# With blob_dir set, payloads above this size go to content-addressed files (see docs/store.md for the numbers).
+DEFAULT_INLINE_LIMIT = 1 << 20
+_REASON = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_CHUNK = 500  # ids per IN (...) clause; SQLite caps bound parameters
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _ssm_shapes(state: FastWeights) -> dict[str, list[int]]:
+    """The fixed-size part of a state, pinned per agent. Retained sliding-window K/V may vary in length."""
+    return {k: v for k, v in state.shapes().items() if k.startswith("ssm.")}
+
+
+def _check_agent_id(agent_id: object) -> str:
+    if not isinstance(agent_id, str) or not agent_id or len(agent_id) > ID_LEN:
+        raise InvalidInput(f"agent id must be a non-empty string of at most {ID_LEN} characters, got {agent_id!r}")
+    return agent_id
+
+
+class _CurrentParent:
+    """Sentinel: the new snapshot's parent is the agent's current snapshot."""
+
+
+_CURRENT = _CurrentParent()
+
+
+class SnapshotStore:
+    """Per-agent fast-weight snapshots in SQL.
+
+    Args:
+        url: SQLAlchemy URL. ``sqlite:///path.db`` (default ``sqlite:///agentsleep.db``) or
+            ``postgresql+psycopg://user:pass@host/db`` (bare ``postgresql://`` is accepted). ``sqlite://``
+            (in memory, one shared connection) is for tests and single-threaded use only.
+        blob_dir: optional directory for content-addressed payload files; payloads larger than ``inline_limit``
+            go there instead of the database. Must be shared by every host that opens the same database.
+        inline_limit: bytes; only used with ``blob_dir``.
+        sqlite_synchronous: SQLite ``PRAGMA synchronous``; FULL survives power loss, NORMAL only process crashes.
+        migrate: run Alembic ``upgrade head`` on open (idempotent, locked against concurrent openers).
+        engine_kwargs: extra arguments for `sqlalchemy.create_engine` (pool sizes, echo, ...).
+
+    Raises:
+        StoreError: the database cannot be reached or its schema is newer than this code.
+        InvalidInput: the URL is not a SQLite or Postgres URL.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        blob_dir: str | None = None,
+        inline_limit: int = DEFAULT_INLINE_LIMIT,
+        sqlite_synchronous: Synchronous = "FULL",
+        migrate: bool = True,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.engine: Engine = make_engine(url, sqlite_synchronous=sqlite_synchronous, engine_kwargs=engine_kwargs)
+        self._writer = writer(self.engine)
+        self.blobs = BlobDir(blob_dir) if blob_dir is not None else None
+        if inline_limit < 0:
+            raise InvalidInput(f"inline_limit must be >= 0, got {inline_limit}")
+        self.inline_limit = inline_limit
+        if migrate:
+            upgrade(self.engine)
+
+    @property
+    def url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> SnapshotStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SnapshotStore({self.url!r})"
+
+    # ---------------------------------------------------------------- units of work
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with _db_errors(), Session(self.engine, expire_on_commit=False) as s, s.begin():
+            yield s
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with _db_errors(), Session(self._writer, expire_on_commit=False) as s, s.begin():
+            yield s
+
+    def _insert_agent_if_absent(self, s: Session, agent_id: str, fingerprint: str, shapes: dict[str, Any]) -> bool:
+        """INSERT ... ON CONFLICT DO NOTHING; returns True if this call created the agent."""
+        ins = (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(Agent)
+        stmt = ins.values(
+            id=agent_id, created_at=utcnow(), fingerprint=fingerprint, state_shapes=shapes, last_seq=0
+        ).on_conflict_do_nothing(index_elements=[Agent.id])
+        # RETURNING rather than rowcount: the ORM-enabled insert does not report rowcount on every driver.
+        return s.execute(stmt.returning(Agent.id)).first() is not None
+
+    @staticmethod
+    def _lock_agent(s: Session, agent_id: str) -> Agent:
+        # FOR UPDATE: the agent row serialises writers of one agent on Postgres (SQLite: BEGIN IMMEDIATE already did).
+        agent = s.scalars(select(Agent).where(Agent.id == agent_id).with_for_update()).one_or_none()
+        if agent is None:
+            raise UnknownAgent(f"no agent {agent_id!r} in the snapshot store; save a snapshot for it first")
+        return agent
+
+    # ---------------------------------------------------------------- save
+
+    def save(
+        self,
+        agent_id: str,
+        state: FastWeights,
+        window: Sequence[int] = (),
+        *,
+        reason: str = "sleep",
+        passes: int = 1,
+        tokens_consolidated: int = 0,
+        parent_id: str | None = None,
+        thread_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> SnapshotRecord:
+        """Save an agent's memory (fast weights + window token ids) and make it the agent's current snapshot.
+
+        Args:
+            agent_id: the agent; created on its first save (its fingerprint and state shapes are fixed then).
+            state: the fast weights (``state.fingerprint`` is the model fingerprint).
+            window: token ids of the agent's current attention window (may be empty, e.g. right after a sleep).
+            reason: why this snapshot exists: "sleep", "manual", ... (lowercase, ≤ 32 chars).
+            passes: the number of sleep passes N that produced ``state``.
+            tokens_consolidated: total tokens consolidated into ``state`` over the agent's life.
+            parent_id: the snapshot this one derives from; default the agent's current snapshot.
+            thread_id, metadata: free-form tags (metadata must be JSON-serialisable).
+
+        Raises:
+            InvalidInput: bad argument (type, range, non-int token ids, non-JSON metadata).
+            SnapshotMismatch: the agent exists with another model fingerprint or other state shapes.
+            UnknownSnapshot: ``parent_id`` does not exist.
+            StoreError: the database failed.
+        """
+        if not isinstance(state, FastWeights):
+            raise InvalidInput(f"state must be FastWeights, got {type(state).__name__}")
+        if not state.fingerprint:
+            raise InvalidInput("state has no model fingerprint; states from SleepHybrid always carry one")
+        win = container.window_array(window)
+        payload = container.encode(container.canonical(state.to_bytes()), win, fingerprint=state.fingerprint)
+        return self._save(
+            agent_id,
+            payload,
+            fingerprint=state.fingerprint,
+            shapes=_ssm_shapes(state),
+            window_len=int(win.shape[0]),
+            reason=reason,
+            passes=passes,
+            tokens_consolidated=tokens_consolidated,
+            parent=_CURRENT if parent_id is None else parent_id,
+            thread_id=thread_id,
+            metadata=metadata,
+        )
+
+    def _save(
+        self,
+        agent_id: str,
+        payload: bytes,
+        *,
+        fingerprint: str,
+        shapes: dict[str, list[int]],
+        window_len: int,
+        reason: str,
+        passes: int,
+        tokens_consolidated: int,
+        parent: str | _CurrentParent | None,
+        thread_id: str | None,
+        metadata: dict[str, Any] | None,
+        new_agent: bool = False,
+    ) -> SnapshotRecord:
+        _check_agent_id(agent_id)
+        if not isinstance(reason, str) or not _REASON.match(reason):
+            raise InvalidInput(f"reason must match {_REASON.pattern} (e.g. 'sleep', 'manual'), got {reason!r}")
+        if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+            raise InvalidInput(f"passes must be an int >= 1, got {passes!r}")
+        if isinstance(tokens_consolidated, bool) or not isinstance(tokens_consolidated, int) or tokens_consolidated < 0:
+            raise InvalidInput(f"tokens_consolidated must be an int >= 0, got {tokens_consolidated!r}")
+        if thread_id is not None and (not isinstance(thread_id, str) or len(thread_id) > ID_LEN):
+            raise InvalidInput(f"thread_id must be a string of at most {ID_LEN} characters")
+        try:
+            meta = json.loads(json.dumps(metadata or {}))
+        except (TypeError, ValueError) as e:
+            raise InvalidInput(f"metadata must be JSON-serialisable: {e}") from e
+        if not isinstance(meta, dict):
+            raise InvalidInput("metadata must be a dict")
+
+        sha = _sha256(payload)
+        path = None
+        if self.blobs is not None and len(payload) > self.inline_limit:
+            path = self.blobs.put(sha, payload)  # durable before the row that points at it commits
+
+        with self._write() as s:
+            created = self._insert_agent_if_absent(s, agent_id, fingerprint, shapes)
+            if new_agent and not created:
+                raise InvalidInput(f"agent {agent_id!r} already exists; choose a new agent id")
+            agent = self._lock_agent(s, agent_id)
+            if agent.fingerprint != fingerprint:
+                raise SnapshotMismatch(
+                    f"agent {agent_id!r} belongs to model {agent.fingerprint!r}, but this state was made by "
+                    f"{fingerprint!r}; use a new agent id (or fork) for another model"
+                )
+            if agent.state_shapes != shapes:
+                raise SnapshotMismatch(
+                    f"agent {agent_id!r} has state shapes {agent.state_shapes}, this state has {shapes}"
+                )
+            if isinstance(parent, _CurrentParent):
+                parent_id = agent.current_snapshot_id
+            else:
+                parent_id = parent
+                if parent_id is not None and s.get(Snapshot, parent_id) is None:
+                    raise UnknownSnapshot(f"parent snapshot {parent_id!r} does not exist")
+            agent.last_seq += 1
+            snap = Snapshot(
+                id=_new_id(),
+                agent_id=agent_id,
+                parent_id=parent_id,
+                seq=agent.last_seq,
+                created_at=utcnow(),
+                reason=reason,
+                passes=passes,
+                tokens_consolidated=tokens_consolidated,
+                window_len=window_len,
+                fingerprint=fingerprint,
+                byte_size=len(payload),
+                sha256=sha,
+                format_version=container.FORMAT_VERSION,
+                thread_id=thread_id,
+                meta=meta,
+                payload=None if path else payload,
+                payload_path=path,
+            )
+            s.add(snap)
+            s.flush()  # the row must exist before the agent points at it (the FK is checked per statement)
+            agent.current_snapshot_id = snap.id
+            record = SnapshotRecord.from_row(snap)
+        log.debug("saved %s", record)
+        return record
+
+    # ---------------------------------------------------------------- load
+
+    def get(self, snapshot_id: str) -> SnapshotRecord:
+        """A snapshot's metadata, without reading or verifying its payload. Raises `UnknownSnapshot`."""
+        with self._read() as s:
+            snap = s.get(Snapshot, snapshot_id)
+            if snap is None:
+                raise UnknownSnapshot(f"no snapshot {snapshot_id!r} in the snapshot store")
+            return SnapshotRecord.from_row(snap)
+
+    def load(
+        self,
+        snapshot_id: str,
+        *,
+        fingerprint: str | None = None,
+        shapes: dict[str, list[int]] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> LoadedSnapshot:
+        """Load and verify one snapshot.
+
+        Args:
+            snapshot_id: the snapshot.
+            fingerprint: if given, the model fingerprint the snapshot must carry.
+            shapes: if given, every tensor's shape the state must have (as `FastWeights.shapes()`).
+            device: where to put the tensors.
+
+        Raises:
+            UnknownSnapshot: no such snapshot.
+            SnapshotCorrupt: the stored payload is truncated or damaged (sha256 or size mismatch, bad container).
+            SnapshotMismatch: the snapshot belongs to another model or has other shapes.
+        """
+        with self._read() as s:
+            snap = s.get(Snapshot, snapshot_id, options=[undefer(Snapshot.payload)])
+            if snap is None:
+                raise UnknownSnapshot(f"no snapshot {snapshot_id!r} in the snapshot store")
+            record, data, path = SnapshotRecord.from_row(snap), snap.payload, snap.payload_path
+        return self._decode(record, data, path, fingerprint=fingerprint, shapes=shapes, device=device)
+
+    def latest(
+        self,
+        agent_id: str,
+        *,
+        fingerprint: str | None = None,
+        shapes: dict[str, list[int]] | None = None,
+        device: torch.device | str = "cpu",
+        fallback: bool = False,
+    ) -> LoadedSnapshot:
+        """Load the agent's current snapshot (the newest save unless rewound with `set_current`).
+
+        With ``fallback=True`` a corrupt current snapshot is skipped (logged as a warning) in favour of the newest
+        older one of the same agent that verifies; the agent's pointer is not changed.
+
+        Raises:
+            UnknownAgent: no such agent.
+            UnknownSnapshot: the agent has no snapshot.
+            SnapshotCorrupt, SnapshotMismatch: as `load` (with fallback: only when no snapshot verifies).
+        """
+        _check_agent_id(agent_id)
+        with self._read() as s:
+            # One statement, so a concurrent save cannot slip between reading the pointer and the row.
+            snap = s.scalars(
+                select(Snapshot)
+                .join(Agent, Agent.current_snapshot_id == Snapshot.id)
+                .where(Agent.id == agent_id)
+                .options(undefer(Snapshot.payload))
+            ).one_or_none()
+            if snap is None:
+                if s.get(Agent, agent_id) is None:
+                    raise UnknownAgent(f"no agent {agent_id!r} in the snapshot store")
+                raise UnknownSnapshot(f"agent {agent_id!r} has no snapshot")
+            record, data, path = SnapshotRecord.from_row(snap), snap.payload, snap.payload_path
+        try:
+            return self._decode(record, data, path, fingerprint=fingerprint, shapes=shapes, device=device)
+        except SnapshotCorrupt as first:
+            if not fallback:
+                raise
+            log.warning("current snapshot %s of agent %r is corrupt (%s); trying older", record.id, agent_id, first)
+            for older in reversed(self.history(agent_id)):
+                if older.seq >= record.seq:
+                    continue
+                try:
+                    loaded = self.load(older.id, fingerprint=fingerprint, shapes=shapes, device=device)
+                except SnapshotCorrupt as e:
+                    log.warning("snapshot %s of agent %r is corrupt too (%s)", older.id, agent_id, e)
+                    continue
+                log.warning("agent %r revived from older snapshot seq %d", agent_id, older.seq)
+                return loaded
+            raise
+
+    def _payload_bytes(self, record: SnapshotRecord, inline: bytes | None, path: str | None) -> bytes:
+        if path is None:
+            if inline is None:
+                raise SnapshotCorrupt(f"snapshot {record.id} has no payload")
+            return bytes(inline)
+        if self.blobs is None:
+            raise StoreError(
+                f"snapshot {record.id}'s payload lives in a blob directory; open the store with blob_dir=..."
+            )
+        return self.blobs.get(path)
+
+    def _decode(
+        self,
+        record: SnapshotRecord,
+        inline: bytes | None,
+        path: str | None,
+        *,
+        fingerprint: str | None,
+        shapes: dict[str, list[int]] | None,
+        device: torch.device | str,
+    ) -> LoadedSnapshot:
+        if fingerprint is not None and record.fingerprint != fingerprint:
+            raise SnapshotMismatch(
+                f"snapshot {record.id} was made by model {record.fingerprint!r}, not by {fingerprint!r}; "
+                "load it with the checkpoint that produced it"
+            )
+        data = self._payload_bytes(record, inline, path)
+        if len(data) != record.byte_size:
+            raise SnapshotCorrupt(
+                f"snapshot {record.id} payload is {len(data)} bytes, expected {record.byte_size}: truncated or damaged"
+            )
+        if _sha256(data) != record.sha256:
+            raise SnapshotCorrupt(f"snapshot {record.id} payload fails its sha256 check: the stored bytes are damaged")
+        try:
+            dec = container.decode(data)  # its content checksum also catches a hand-"repaired" row sha256
+            state = FastWeights.from_bytes(dec.state_bytes, fingerprint=fingerprint, shapes=shapes, device=device)
+        except SnapshotCorrupt as e:
+            raise SnapshotCorrupt(f"snapshot {record.id}: {e}") from e
+        if dec.fingerprint != record.fingerprint or state.fingerprint != record.fingerprint:
+            raise SnapshotCorrupt(f"snapshot {record.id}: payload fingerprint disagrees with its row")
+        if len(dec.window) != record.window_len:
+            raise SnapshotCorrupt(f"snapshot {record.id}: payload window length disagrees with its row")
+        return LoadedSnapshot(record=record, state=state, window=dec.window)
+
+    def verify(self, snapshot_id: str) -> SnapshotRecord:
+        """Load and verify a snapshot, discarding the state. Raises like `load`."""
+        return self.load(snapshot_id).record
+
+    # ---------------------------------------------------------------- listing
+
+    def agent(self, agent_id: str) -> AgentRecord:
+        """One agent. Raises `UnknownAgent`."""
+        _check_agent_id(agent_id)
+        rows = self._agents(agent_id)
+        if not rows:
+            raise UnknownAgent(f"no agent {agent_id!r} in the snapshot store")
+        return rows[0]
+
+    def agents(self) -> list[AgentRecord]:
+        """Every agent, by id."""
+        return self._agents(None)
+
+    def _agents(self, agent_id: str | None) -> list[AgentRecord]:
+        n = select(func.count(Snapshot.id)).where(Snapshot.agent_id == Agent.id).scalar_subquery()
+        cur = select(Snapshot.seq).where(Snapshot.id == Agent.current_snapshot_id).scalar_subquery()
+        stmt = select(Agent, n, cur).order_by(Agent.id)
+        if agent_id is not None:
+            stmt = stmt.where(Agent.id == agent_id)
+        with self._read() as s:
+            return [AgentRecord.from_row(a, int(k), c) for a, k, c in s.execute(stmt).all()]
+
+    def history(self, agent_id: str) -> list[SnapshotRecord]:
+        """The agent's snapshots, oldest first (sequence order, which is lineage order for a linear agent).
+
+        Raises `UnknownAgent`.
+        """
+        _check_agent_id(agent_id)
+        with self._read() as s:
+            if s.get(Agent, agent_id) is None:
+                raise UnknownAgent(f"no agent {agent_id!r} in the snapshot store")
+            rows = s.scalars(select(Snapshot).where(Snapshot.agent_id == agent_id).order_by(Snapshot.seq)).all()
+            return [SnapshotRecord.from_row(r) for r in rows]
+
+    def lineage(self, snapshot_id: str) -> list[SnapshotRecord]:
+        """The chain of parents ending at ``snapshot_id``, root first; crosses agents at forks, stops at a pruned
+        parent. Raises `UnknownSnapshot`."""
+        chain: list[SnapshotRecord] = []
+        seen: set[str] = set()
+        with self._read() as s:
+            sid: str | None = snapshot_id
+            while sid is not None and sid not in seen:
+                snap = s.get(Snapshot, sid)
+                if snap is None:
+                    if not chain:
+                        raise UnknownSnapshot(f"no snapshot {snapshot_id!r} in the snapshot store")
+                    break
+                seen.add(sid)
+                chain.append(SnapshotRecord.from_row(snap))
+                sid = snap.parent_id
+        return chain[::-1]
+
+    # ---------------------------------------------------------------- fork, rewind, import/export
+
+    def fork(self, snapshot_id: str, new_agent_id: str, *, thread_id: str | None = None) -> SnapshotRecord:
+        """Start a new agent from a copy of a snapshot (verified first). The copy's parent is the source snapshot.
+
+        Raises:
+            UnknownSnapshot: no such snapshot.
+            SnapshotCorrupt: the source does not verify (nothing is created).
+            InvalidInput: ``new_agent_id`` already exists.
+        """
+        _check_agent_id(new_agent_id)
+        loaded = self.load(snapshot_id)
+        src = loaded.record
+        payload = container.encode(
+            container.canonical(loaded.state.to_bytes()), loaded.window, fingerprint=src.fingerprint
+        )
+        return self._save(
+            new_agent_id,
+            payload,
+            fingerprint=src.fingerprint,
+            shapes=_ssm_shapes(loaded.state),
+            window_len=src.window_len,
+            reason="fork",
+            passes=src.passes,
+            tokens_consolidated=src.tokens_consolidated,
+            parent=src.id,
+            thread_id=thread_id,
+            metadata={"forked_from": {"agent_id": src.agent_id, "snapshot_id": src.id, "seq": src.seq}},
+            new_agent=True,
+        )
+
+    def set_current(self, agent_id: str, snapshot_id: str) -> AgentRecord:
+        """Rewind (or advance) an agent to one of its own snapshots. The next save's parent is that snapshot.
+
+        Raises `UnknownAgent`, `UnknownSnapshot`, `InvalidInput` (snapshot of another agent).
+        """
+        _check_agent_id(agent_id)
+        with self._write() as s:
+            agent = self._lock_agent(s, agent_id)
+            snap = s.get(Snapshot, snapshot_id)
+            if snap is None:
+                raise UnknownSnapshot(f"no snapshot {snapshot_id!r} in the snapshot store")
+            if snap.agent_id != agent_id:
+                raise InvalidInput(f"snapshot {snapshot_id} belongs to agent {snap.agent_id!r}, not {agent_id!r}")
+            agent.current_snapshot_id = snapshot_id
+        return self.agent(agent_id)
+
+    def export_snapshot(self, snapshot_id: str) -> bytes:
+        """A verified snapshot as a self-describing file (safetensors container with its record; see payload.py)."""
+        loaded = self.load(snapshot_id)
+        rec = loaded.record.to_dict()
+        state_bytes = container.canonical(loaded.state.to_bytes())
+        return container.encode(state_bytes, loaded.window, fingerprint=loaded.record.fingerprint, record=rec)
+
+    def import_snapshot(self, data: bytes, *, agent_id: str | None = None) -> SnapshotRecord:
+        """Import an exported snapshot as the newest snapshot of ``agent_id`` (default: the exporting agent's id).
+
+        The import gets a new id and reason "import"; its parent is the original snapshot if that exists in this
+        store, else none. ``metadata["imported_from"]`` names the original.
+
+        Raises:
+            SnapshotCorrupt: not a snapshot file, or a damaged one. Nothing is written.
+            SnapshotMismatch: the target agent exists with another fingerprint or shapes.
+            InvalidInput: no ``agent_id`` given and the file names none.
+        """
+        dec = container.decode(data)
+        state = FastWeights.from_bytes(dec.state_bytes)
+        if state.fingerprint != dec.fingerprint:
+            raise SnapshotCorrupt("snapshot file's container and state disagree on the model fingerprint")
+        rec = dec.record or {}
+        target = agent_id or rec.get("agent_id")
+        if not target:
+            raise InvalidInput("this snapshot file names no agent; pass agent_id")
+        _check_agent_id(target)
+        origin = rec.get("id")
+        parent: str | None = None
+        if isinstance(origin, str):
+            with self._read() as s:
+                parent = origin if s.get(Snapshot, origin) is not None else None
+        passes = rec.get("passes", 1)
+        tokens = rec.get("tokens_consolidated", 0)
+        payload = container.encode(container.canonical(dec.state_bytes), dec.window, fingerprint=dec.fingerprint)
+        return self._save(
+            target,
+            payload,
+            fingerprint=dec.fingerprint,
+            shapes=_ssm_shapes(state),
+            window_len=len(dec.window),
+            reason="import",
+            passes=passes if isinstance(passes, int) and passes >= 1 else 1,
+            tokens_consolidated=tokens if isinstance(tokens, int) and tokens >= 0 else 0,
+            parent=parent,
+            thread_id=rec.get("thread_id") if isinstance(rec.get("thread_id"), str) else None,
+            metadata={"imported_from": {k: rec.get(k) for k in ("id", "agent_id", "seq", "created_at", "reason")}},
+        )
+
+    # ---------------------------------------------------------------- prune, delete, gc
+
+    @staticmethod
+    def _victims(rows: Sequence[tuple[str, int]], keep: int, current: str | None) -> list[str]:
+        """Ids to prune from (id, seq) rows: all but the ``keep`` newest and the current one."""
+        newest_first = sorted(rows, key=lambda r: r[1], reverse=True)
+        kept = {sid for sid, _ in newest_first[:keep]} | ({current} if current else set())
+        return [sid for sid, _ in newest_first if sid not in kept]
+
+    def prune_candidates(self, agent_id: str, *, keep: int) -> list[SnapshotRecord]:
+        """What `prune` would delete now, oldest first."""
+        self._check_keep(keep)
+        hist = self.history(agent_id)
+        current = self.agent(agent_id).current_snapshot_id
+        victims = set(self._victims([(r.id, r.seq) for r in hist], keep, current))
+        return [r for r in hist if r.id in victims]
+
+    @staticmethod
+    def _check_keep(keep: int) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise InvalidInput(f"keep must be an int >= 0, got {keep!r}")
+
+    def prune(self, agent_id: str, *, keep: int) -> int:
+        """Delete all but the ``keep`` newest snapshots of an agent; the current snapshot is always kept.
+
+        Ancestors are not protected: every snapshot is a complete state, so a survivor whose parent is pruned keeps
+        loading and its ``parent_id`` becomes NULL (also across agents, for forks). Returns the number deleted.
+        Raises `UnknownAgent`, `InvalidInput`.
+        """
+        _check_agent_id(agent_id)
+        self._check_keep(keep)
+        with self._write() as s:
+            agent = self._lock_agent(s, agent_id)
+            rows = s.execute(select(Snapshot.id, Snapshot.seq).where(Snapshot.agent_id == agent_id)).all()
+            victims = self._victims([(r[0], r[1]) for r in rows], keep, agent.current_snapshot_id)
+            paths = self._delete_snapshots(s, victims)
+        self._release_files(paths)
+        log.info("pruned %d snapshots of agent %r (keep=%d)", len(victims), agent_id, keep)
+        return len(victims)
+
+    def _delete_snapshots(self, s: Session, ids: Sequence[str]) -> set[str]:
+        paths: set[str] = set()
+        for i in range(0, len(ids), _CHUNK):
+            chunk = list(ids[i : i + _CHUNK])
+            paths.update(
+                p for p in s.scalars(select(Snapshot.payload_path).where(Snapshot.id.in_(chunk))) if p is not None
+            )
+            s.execute(delete(Snapshot).where(Snapshot.id.in_(chunk)), execution_options={"synchronize_session": False})
+        return paths
+
+    def delete_agent(self, agent_id: str) -> int:
+        """Delete an agent, all its snapshots and sleep jobs. Returns the number of snapshots deleted.
+
+        Snapshots of other agents forked from it keep loading; their ``parent_id`` becomes NULL.
+        Raises `UnknownAgent`.
+        """
+        _check_agent_id(agent_id)
+        with self._write() as s:
+            agent = self._lock_agent(s, agent_id)
+            agent.current_snapshot_id = None
+            s.flush()
+            ids = list(s.scalars(select(Snapshot.id).where(Snapshot.agent_id == agent_id)))
+            paths = self._delete_snapshots(s, ids)
+            s.execute(delete(SleepJob).where(SleepJob.agent_id == agent_id))
+            s.execute(delete(Agent).where(Agent.id == agent_id), execution_options={"synchronize_session": False})
+        self._release_files(paths)
+        log.info("deleted agent %r and %d snapshots", agent_id, len(ids))
+        return len(ids)
+
+    def _release_files(self, paths: set[str]) -> None:
+        """Remove payload files no row references any more (identical payloads share one file)."""
+        if not paths or self.blobs is None:
+            return
+        with self._read() as s:
+            used = set(s.scalars(select(Snapshot.payload_path).where(Snapshot.payload_path.in_(sorted(paths)))))
+        for p in paths - used:
+            self.blobs.remove(p)
+
+    def gc_blobs(self, *, grace_s: float = 3600.0) -> int:
+        """Remove payload files that no row references and that are older than ``grace_s`` (left by writers killed
+        between writing the file and committing the row). The grace period protects saves in flight."""
+        if self.blobs is None:
+            return 0
+        now = datetime.now(UTC).timestamp()
+        old = {rel: m for rel, m in self.blobs.walk() if now - m > grace_s}
+        if not old:
+            return 0
+        with self._read() as s:
+            used = set(s.scalars(select(Snapshot.payload_path).where(Snapshot.payload_path.is_not(None))))
+        removed = 0
+        for rel in old.keys() - used:
+            self.blobs.remove(rel)
+            removed += 1
+        return removed
+
+    # ---------------------------------------------------------------- sleep jobs (scale-out)
+
+    def enqueue_sleep(self, agent_id: str, *, params: dict[str, Any] | None = None) -> SleepJobRecord:
+        """Queue a sleep for an agent; if one is already pending for it, return that one (debounce).
+
+        Raises `UnknownAgent`.
+        """
+        _check_agent_id(agent_id)
+        try:
+            p = json.loads(json.dumps(params or {}))
+        except (TypeError, ValueError) as e:
+            raise InvalidInput(f"params must be JSON-serialisable: {e}") from e
+        with self._write() as s:
+            self._lock_agent(s, agent_id)  # also serialises concurrent enqueues of one agent
+            job = s.scalars(
+                select(SleepJob).where(SleepJob.agent_id == agent_id, SleepJob.status == "pending").limit(1)
+            ).first()
+            if job is None:
+                job = SleepJob(agent_id=agent_id, status="pending", params=p, created_at=utcnow(), attempts=0)
+                s.add(job)
+                s.flush()
+            return SleepJobRecord.from_row(job)
+
+    def claim_job(self, worker_id: str, *, stale_after_s: float | None = None) -> SleepJobRecord | None:
+        """Claim the oldest pending job (or a running one whose worker went silent for ``stale_after_s``).
+
+        Postgres: ``SELECT ... FOR UPDATE SKIP LOCKED``, so any number of workers claim distinct jobs without
+        waiting on each other. SQLite: the write transaction (BEGIN IMMEDIATE) serialises claimers instead.
+        Returns None when there is nothing to do.
+        """
+        _check_agent_id(worker_id)
+        claimable = SleepJob.status == "pending"
+        if stale_after_s is not None:
+            cutoff = utcnow() - timedelta(seconds=stale_after_s)
+            claimable = claimable | ((SleepJob.status == "running") & (SleepJob.claimed_at < cutoff))
+        with self._write() as s:
+            job = s.scalars(
+                select(SleepJob).where(claimable).order_by(SleepJob.id).limit(1).with_for_update(skip_locked=True)
+            ).first()
+            if job is None:
+                return None
+            job.status, job.claimed_by, job.claimed_at = "running", worker_id, utcnow()
+            job.attempts += 1
+            s.flush()
+            return SleepJobRecord.from_row(job)
+
+    def complete_job(self, job_id: int, *, snapshot_id: str | None = None, error: str | None = None) -> SleepJobRecord:
+        """Mark a claimed job done (with the snapshot it produced) or failed (with ``error``).
+
+        Raises `InvalidInput` for an unknown job or one that is not running.
+        """
+        with self._write() as s:
+            job = s.get(SleepJob, job_id, with_for_update=True)
+            if job is None:
+                raise InvalidInput(f"no sleep job {job_id}")
+            if job.status != "running":
+                raise InvalidInput(f"sleep job {job_id} is {job.status}, not running; claim it first")
+            if snapshot_id is not None and s.get(Snapshot, snapshot_id) is None:
+                raise UnknownSnapshot(f"no snapshot {snapshot_id!r} in the snapshot store")
+            job.status = "failed" if error is not None else "done"
+            job.error, job.result_snapshot_id, job.finished_at = error, snapshot_id, utcnow()
+            s.flush()
+            return SleepJobRecord.from_row(job)
+
+    def jobs(self, agent_id: str | None = None) -> list[SleepJobRecord]:
+        """Sleep jobs, oldest first (optionally of one agent)."""
+        stmt = select(SleepJob).order_by(SleepJob.id)
+        if agent_id is not None:
+            stmt = stmt.where(SleepJob.agent_id == agent_id)
+        with self._read() as s:
+            return [SleepJobRecord.from_row(j) for j in s.scalars(stmt)]
+
+
+@contextmanager
+def _db_errors() -> Iterator[None]:
+    """Translate driver errors into `StoreError`; our own typed errors pass through untouched."""
+    try:
+        yield
+    except AgentSleepError:
+        raise
+    except IntegrityError as e:
+        raise StoreError(f"the snapshot store rejected a write (constraint violated): {e.orig}") from e
+    except DBAPIError as e:
+        raise StoreError(f"snapshot store database error: {e.orig}") from e
+    except SATimeoutError as e:  # connection pool exhausted
+        raise StoreError(f"no free database connection: {e}; raise engine_kwargs pool_size/max_overflow") from e
+
+
+__all__ = ["DEFAULT_INLINE_LIMIT", "DEFAULT_URL", "SnapshotStore"]

@@ -1,0 +1,54 @@
+"""The store's public API and its place in the layers (model → store → runtime): it imports no higher layer."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import agentsleep.store
+
+from .helpers import MP, loaded_higher_layers
+
+STORE_DIR = Path(agentsleep.store.__file__).parent
+ALLOWED = {"agentsleep.errors", "agentsleep.model.state"}
+
+
+def test_public_api_is_pinned() -> None:
+    assert sorted(agentsleep.store.__all__) == sorted(
+        [
+            "DEFAULT_INLINE_LIMIT",
+            "DEFAULT_URL",
+            "Agent",
+            "AgentRecord",
+            "Base",
+            "LoadedSnapshot",
+            "SleepJob",
+            "SleepJobRecord",
+            "Snapshot",
+            "SnapshotRecord",
+            "SnapshotStore",
+        ]
+    )
+    for name in agentsleep.store.__all__:
+        assert hasattr(agentsleep.store, name)
+
+
+def test_store_imports_only_errors_and_fastweights_from_the_package() -> None:
+    offenders = []
+    for path in STORE_DIR.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for n in names:
+                if n.startswith("agentsleep.") and not n.startswith("agentsleep.store") and n not in ALLOWED:
+                    offenders.append(f"{path.relative_to(STORE_DIR)}: {n}")
+    assert offenders == []
+
+
+def test_importing_the_store_pulls_in_no_engine() -> None:
+    # in a fresh process (forked from the forkserver, which imported only torch and agentsleep.store)
+    with MP.Pool(1) as pool:
+        assert pool.apply(loaded_higher_layers) == []
