@@ -1,1 +1,25 @@
-"""LangChain 1.x integration of agentsleep."""
+"""LangChain 1.x integration of agentsleep: `SleepMemory` middleware and the `ChatSleepHybrid` chat model.
+
+from langchain.agents import create_agent
+from langchain_agentsleep import ChatSleepHybrid, SleepMemory
+
+model = ChatSleepHybrid.from_pretrained("checkpoints/chat")
+agent = create_agent(model, middleware=[SleepMemory(model, store="sqlite:///agents.db")], checkpointer=...)
+"""
+
+from langchain_agentsleep.chat_models import ChatSleepHybrid
+from langchain_agentsleep.chat_template import ChatCodec, ChatTemplate
+from langchain_agentsleep.errors import MissingAgentKey
+from langchain_agentsleep.middleware import SleepMemory, SleepState
+from langchain_agentsleep.tokens import count_tokens_tiktoken, tiktoken_counter
+
+__all__ = [
+    "ChatCodec",
+    "ChatSleepHybrid",
+    "ChatTemplate",
+    "MissingAgentKey",
+    "SleepMemory",
+    "SleepState",
+    "count_tokens_tiktoken",
+    "tiktoken_counter",
+]

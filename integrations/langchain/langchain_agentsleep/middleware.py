@@ -1,0 +1,815 @@
+"""`SleepMemory`: LLM sleep as an `AgentMiddleware` for `langchain.agents.create_agent`.
+
+One agent per LangGraph thread (the agent id is the thread id unless given). Its memory is the hybrid's fast weights
+S plus the messages since its last sleep; a sleep folds those messages into S and they leave the model's view.
+
+A turn, hook by hook:
+
+* ``before_agent`` — tells the scheduler a turn started (pending sleeps wait), waits for a sleep that is already
+  running, revives the agent from its latest snapshot if the engine does not hold it (a fresh process), and adopts
+  a sleep that committed since the last turn: new ``snapshot_id`` / ``consolidated_through`` / ``sleep_count`` and,
+  with ``prune_consolidated`` (default), the consolidated messages leave the message list (`RemoveMessage` by id).
+* ``before_model`` — counts the window's tokens exactly (the checkpoint's tokenizer and chat template); only if the
+  next call cannot fit the window does it sleep synchronously, and adopts that sleep at once.
+* ``wrap_model_call`` — sends only the messages after ``consolidated_through`` and binds the agent id to the model
+  (``model_settings``); nothing in the graph state is rewritten for that.
+* ``after_agent`` — hands the window size to the `SleepScheduler`, which sleeps in the background, debounced, once
+  the policy's soft threshold is reached. It never waits for a sleep.
+
+Sleeps commit in the engine and the snapshot store first (the engine swaps S only after the snapshot is saved); the
+graph state learns of them at the next ``before_agent`` (or at once for a synchronous sleep). Between the two, the
+engine's ledger (`_window`) says which messages the sleep consolidated, so they are never sent twice.
+
+Failure policy: a failed sleep keeps the last good state (S, window and snapshot unchanged), is logged, and is
+retried by the scheduler with backoff; it never fails the agent run. If the store cannot be reached when a thread
+must be revived, the revival is retried a few times; after that the turn runs on a throw-away agent (zero S + the
+messages since the last sleep) that is never slept or saved, and the next turn tries again, so no committed state is
+overwritten. ``on_error="raise"`` propagates instead (for tests). `MissingAgentKey` is always raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, NotRequired
+
+from agentsleep.errors import (
+    ConfigError,
+    SleepFailed,
+    SnapshotMismatch,
+    StoreError,
+    UnknownAgent,
+    UnknownSnapshot,
+)
+from agentsleep.memory.policy import SleepPolicy
+from agentsleep.memory.scheduler import SleepOutcome, SleepRecord, SleepRequest, SleepScheduler
+from agentsleep.runtime.engine import AgentMemory, AgentSession, Engine, SleepCommit
+from agentsleep.runtime.revive import memory_from_snapshot
+from agentsleep.store import SnapshotStore
+from langchain.agents.middleware.types import (
+    AgentMiddleware,
+    AgentState,
+    ContextT,
+    ExtendedModelResponse,
+    ModelRequest,
+    ModelResponse,
+    PrivateStateAttr,
+    ResponseT,
+)
+from langchain_core.messages import AnyMessage, BaseMessage, RemoveMessage
+from langgraph.runtime import Runtime
+from langgraph.types import Command
+
+from langchain_agentsleep import _window
+from langchain_agentsleep.chat_models import ChatSleepHybrid, _engine_template, _find_tokenizer, sync_window
+from langchain_agentsleep.chat_template import ChatCodec
+from langchain_agentsleep.errors import MissingAgentKey
+from langchain_agentsleep.tokens import tiktoken_counter
+
+logger = logging.getLogger(__name__)
+
+OnError = Literal["passthrough", "raise"]
+AgentKey = Callable[[Runtime[Any]], "str | None"]
+
+_DEFAULT_RESERVE_TOKENS = 32  # room kept for a reply when the chat model's max_tokens is not known yet
+_REVIVE_ATTEMPTS = 3
+_REVIVE_BACKOFF_SECONDS = 0.05  # doubled per attempt: 0.05, 0.1 (a store that is down "for a moment")
+
+
+class SleepState(AgentState[ResponseT]):
+    """`AgentState` plus `SleepMemory`'s private fields: ids and counters only.
+
+    Never tensors: they would be copied into every LangGraph checkpoint. The fast weights live once per sleep in the
+    snapshot store.
+    """
+
+    snapshot_id: NotRequired[Annotated[str | None, PrivateStateAttr]]
+    """The agent's snapshot after its last adopted sleep."""
+    consolidated_through: NotRequired[Annotated[str | None, PrivateStateAttr]]
+    """Id of the newest message folded into S; the model is sent only the messages after it."""
+    tokens_since_sleep: NotRequired[Annotated[int, PrivateStateAttr]]
+    """Window tokens after the last turn (exact, the model's own tokenizer)."""
+    sleep_count: NotRequired[Annotated[int, PrivateStateAttr]]
+    """Sleeps over the agent's life."""
+    sleep_pending: NotRequired[Annotated[str | None, PrivateStateAttr]]
+    """Run id of the background sleep scheduled after the last turn, if any."""
+    last_sleep_status: NotRequired[Annotated[str | None, PrivateStateAttr]]
+    """``completed`` / ``failed`` / ``cancelled`` / ``degraded``; details live in the run records (`history`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Commit:
+    """A committed sleep (or a revived snapshot), waiting to be adopted by the graph state."""
+
+    snapshot_id: str | None
+    through: str | None
+    sleep_count: int
+
+
+@dataclass(eq=False)
+class _Book:
+    """Per-agent bookkeeping of one `SleepMemory` (process-local)."""
+
+    agent_id: str
+    cond: threading.Condition = field(default_factory=lambda: threading.Condition(threading.Lock()))
+    thread_id: str | None = None
+    in_turn: bool = False  # between before_agent and after_agent
+    sleeping: bool = False  # a sleep job is inside the engine
+    sync_wanted: bool = False  # this turn asked for a synchronous sleep: it may commit during the turn
+    committed: _Commit | None = None
+    degraded: bool = False  # this turn runs on a throw-away agent (revival failed)
+    last_status: str | None = None
+    unreported_failure: SleepRecord | None = None  # for on_error="raise"
+
+
+class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
+    """Long-term memory by sleeping: the messages since the last sleep are consolidated into the hybrid's fast weights.
+
+    Example:
+        .. code-block:: python
+
+            from langchain.agents import create_agent
+            from langgraph.checkpoint.sqlite import SqliteSaver
+            from langchain_agentsleep import ChatSleepHybrid, SleepMemory
+
+            model = ChatSleepHybrid.from_pretrained("checkpoints/chat")
+            memory = SleepMemory(model, store="sqlite:///agents.db")
+            agent = create_agent(model, middleware=[memory], checkpointer=SqliteSaver.from_conn_string("graph.db"))
+            agent.invoke({"messages": [("user", "hi")]}, {"configurable": {"thread_id": "alice"}})
+
+    Args:
+        engine: the `ChatSleepHybrid` the agent uses (preferred: its engine, chat template and ``max_tokens`` are
+            taken from it), or its `Engine`.
+        store: where snapshots go: a `SnapshotStore` or its URL (``sqlite:///agents.db``, ``postgresql+psycopg://...``).
+            None keeps agents in this process only.
+        policy: when and how hard to sleep (default: the engine's L and N, other fields default). ``policy.window``
+            may be below L to sleep earlier. ``debounce_seconds`` delays a background sleep after a turn.
+        agent_id: use this agent for every thread (default: the LangGraph ``thread_id``).
+        agent_key: ``runtime -> agent id`` (e.g. from ``runtime.context``); wins over the thread id.
+        reserve_tokens: room kept for the reply when deciding whether the next call fits (default: the chat model's
+            ``max_tokens``).
+        prune_consolidated: remove consolidated messages from the graph state once their sleep has committed, so the
+            LangGraph checkpoint stays bounded. With False they stay (the model still never sees them).
+        on_error: ``"passthrough"`` (default): a failed sleep or revival is logged and the run goes on;
+            ``"raise"``: it propagates (tests).
+        max_workers: background sleeps that may run at once across agents.
+        scheduler: a ready `SleepScheduler` (its job must be this middleware's `sleep_job`); default: one is built.
+
+    Failure policy: see the module docstring. In short, the last good state (S, snapshot) is never replaced by a
+    failed sleep, and no sleep error ever fails the agent run unless ``on_error="raise"``.
+    """
+
+    state_schema = SleepState  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        engine: Engine | ChatSleepHybrid,
+        store: SnapshotStore | str | None = None,
+        *,
+        policy: SleepPolicy | None = None,
+        agent_id: str | None = None,
+        agent_key: AgentKey | None = None,
+        reserve_tokens: int | None = None,
+        prune_consolidated: bool = True,
+        on_error: OnError = "passthrough",
+        max_workers: int = 1,
+        scheduler: SleepScheduler | None = None,
+    ) -> None:
+        super().__init__()
+        self.model: ChatSleepHybrid | None = engine if isinstance(engine, ChatSleepHybrid) else None
+        eng = engine.engine if isinstance(engine, ChatSleepHybrid) else engine
+        if not isinstance(eng, Engine):
+            raise ConfigError(f"SleepMemory needs a ChatSleepHybrid or an agentsleep Engine, got {type(eng).__name__}")
+        if on_error not in ("passthrough", "raise"):
+            raise ConfigError(f"on_error must be 'passthrough' or 'raise', got {on_error!r}")
+        if reserve_tokens is not None and reserve_tokens < 1:
+            raise ConfigError(f"reserve_tokens must be >= 1, got {reserve_tokens}")
+        self.engine: Engine = eng
+        self.store: SnapshotStore | None = SnapshotStore(store) if isinstance(store, str) else store
+        self.policy = policy or SleepPolicy(window=eng.window, passes=eng.passes)
+        if self.policy.window > eng.window:
+            raise ConfigError(
+                f"policy.window={self.policy.window} exceeds the model's window L={eng.window}; use at most L"
+            )
+        self.agent_id = agent_id
+        self.agent_key = agent_key
+        self.reserve_tokens = reserve_tokens
+        self.prune_consolidated = prune_consolidated
+        self.on_error: OnError = on_error
+        self._codec: ChatCodec | None = self.model.codec if self.model is not None else _engine_codec(eng)
+        self._books: dict[str, _Book] = {}
+        self._books_lock = threading.Lock()
+        self._warned_model = False
+        self.scheduler = scheduler or SleepScheduler(
+            self.sleep_job,
+            self.policy,
+            max_workers=max_workers,
+            on_success=self._on_record,
+            on_failure=self._on_record,
+        )
+
+    # ------------------------------------------------------------------ public helpers
+
+    @property
+    def token_counter(self) -> Callable[[Any], int]:
+        """A LangChain ``TokenCounter`` (fits ``SummarizationMiddleware(token_counter=...)``).
+
+        Exact window tokens with the model's tokenizer and chat template when known, else offline tiktoken
+        (``cl100k_base``).
+        """
+        return self._codec if self._codec is not None else tiktoken_counter()
+
+    def history(self, agent_id: str) -> list[SleepRecord]:
+        """Run records of the agent's sleeps (status, timings, attempts, errors), oldest first."""
+        return self.scheduler.history(agent_id)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Run every pending sleep now and wait for all of them; False on timeout. For tests and clean shutdown."""
+        return self.scheduler.flush(timeout)
+
+    async def aflush(self, timeout: float | None = None) -> bool:
+        """Async twin of `flush`."""
+        return await self.scheduler.aflush(timeout)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no sleep is pending or running, without hurrying them; False on timeout."""
+        return self.scheduler.wait_idle(timeout)
+
+    def close(self, *, wait: bool = True) -> None:
+        """Stop the scheduler (with ``wait``, pending sleeps run first)."""
+        self.scheduler.shutdown(wait=wait)
+
+    def __enter__(self) -> SleepMemory[ResponseT, ContextT]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def session(self, agent_id: str) -> AgentSession:
+        """The engine's view of a live agent (window, sleep count, snapshot id)."""
+        return self.engine.session(agent_id)
+
+    def snapshot(self, agent_id: str, *, reason: str = "manual") -> str:
+        """Save the agent's current memory (S and its window) now and return the snapshot id.
+
+        The snapshot records which messages its window holds, so a revive from it continues exactly.
+
+        Raises:
+            ConfigError: no store. UnknownAgent: the agent is not live. StoreError: the store failed.
+        """
+        store = self._require_store()
+        book = self._book(agent_id)
+        slot = _window.slot(self.engine, agent_id)
+
+        def persist(memory: AgentMemory) -> str:
+            ledger = slot.ledger
+            meta: dict[str, Any] = {
+                "sleep_count": memory.sleep_count,
+                "tokens_seen": memory.tokens_seen,
+                "consolidated_through": book.committed.through if book.committed else None,
+            }
+            if ledger is not None and ledger.window_tokens == len(memory.window):
+                meta["window_message_ids"] = list(ledger.message_ids)
+                meta["window_head_tokens"] = ledger.head_tokens
+            passes = self.policy.passes
+            return store.save(
+                agent_id,
+                memory.state,
+                list(memory.window),
+                reason=reason,
+                passes=passes,
+                tokens_consolidated=memory.tokens_consolidated,
+                thread_id=book.thread_id,
+                metadata=meta,
+            ).id
+
+        with slot.lock:
+            sid = self.engine.checkpoint(agent_id, persist)
+        assert sid is not None  # persist always returns an id
+        return sid
+
+    def revive(self, agent_id: str, snapshot_id: str | None = None) -> AgentSession:
+        """Load the agent into the engine from its latest snapshot (or ``snapshot_id``), replacing a live one.
+
+        Forking a thread: ``revive("new-thread", snapshot_id=...)`` starts a new thread from any snapshot.
+
+        Raises:
+            ConfigError: no store. UnknownAgent / UnknownSnapshot, SnapshotMismatch, SnapshotCorrupt, StoreError.
+        """
+        store = self._require_store()
+        loaded = (
+            store.latest(agent_id, fingerprint=self.engine.fingerprint, fallback=True)
+            if snapshot_id is None
+            else store.load(snapshot_id, fingerprint=self.engine.fingerprint)
+        )
+        return self._install(agent_id, self._book(agent_id), loaded)
+
+    def forget(self, agent_id: str) -> None:
+        """Remove a live agent from the engine (its snapshots stay in the store); the next turn revives it."""
+        if self.engine.has_agent(agent_id):
+            self.engine.remove_agent(agent_id)
+        _window.forget(self.engine, agent_id)
+        with self._books_lock:
+            self._books.pop(agent_id, None)
+
+    # ------------------------------------------------------------------ hooks
+
+    def before_agent(self, state: SleepState[ResponseT], runtime: Runtime[ContextT]) -> dict[str, Any] | None:
+        """Start of a turn: hold background sleeps, revive the agent if needed, adopt a committed sleep."""
+        agent = self._agent_id(runtime)
+        book = self._book(agent, _thread_id(runtime))
+        self.scheduler.notify_turn(agent)
+        with book.cond:
+            deadline = time.monotonic() + self.policy.sleep_timeout_seconds
+            while book.sleeping:  # a sleep that had already started: its result is this turn's memory
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    logger.warning("agent %r: a running sleep outlasted the wait; the turn goes on without it", agent)
+                    break
+                book.cond.wait(remaining)
+            book.in_turn = True
+            book.sync_wanted = False
+            book.degraded = False
+            failure, book.unreported_failure = book.unreported_failure, None
+        if failure is not None and self.on_error == "raise":
+            raise SleepFailed(f"the background sleep of agent {agent!r} failed: {failure.error}")
+        try:
+            self._ensure_live(agent, book)
+        except Exception as e:  # a revival problem never fails the run (unless on_error="raise")
+            if self.on_error == "raise":
+                raise
+            self._degrade(agent, book, e)
+        return self._adopt(state, book) or None
+
+    async def abefore_agent(self, state: SleepState[ResponseT], runtime: Runtime[ContextT]) -> dict[str, Any] | None:
+        """Async twin of `before_agent`."""
+        return await asyncio.to_thread(self.before_agent, state, runtime)
+
+    def before_model(self, state: SleepState[ResponseT], runtime: Runtime[ContextT]) -> dict[str, Any] | None:
+        """Before a model call: sleep synchronously only if the call cannot fit the window."""
+        agent = self._agent_id(runtime)
+        book = self._book(agent)
+        codec = self._codec
+        if book.degraded or codec is None or not self.engine.has_agent(agent):
+            return None
+        messages = _after(state["messages"], state.get("consolidated_through"))
+        needed, can_sleep = self._needed_tokens(agent, messages, codec)
+        if needed <= self.policy.window:
+            return None
+        if not can_sleep:
+            logger.info("agent %r: the next call needs %d tokens; the window is resynced by the call", agent, needed)
+            return None
+        logger.info("agent %r: the next call needs %d of %d tokens; sleeping first", agent, needed, self.policy.window)
+        with book.cond:
+            book.sync_wanted = True
+        try:
+            self.scheduler.sleep_now(agent, timeout=self.policy.sleep_timeout_seconds)
+        except Exception as e:  # SleepFailed, or anything else: the turn goes on
+            if self.on_error == "raise":
+                raise
+            logger.warning(
+                "agent %r: synchronous sleep failed (%s); the call falls back to the newest messages", agent, e
+            )
+            return None
+        finally:
+            with book.cond:
+                book.sync_wanted = False
+        return self._adopt(state, book) or None
+
+    async def abefore_model(self, state: SleepState[ResponseT], runtime: Runtime[ContextT]) -> dict[str, Any] | None:
+        """Async twin of `before_model`."""
+        return await asyncio.to_thread(self.before_model, state, runtime)
+
+    def wrap_model_call(
+        self,
+        request: ModelRequest[ContextT],
+        handler: Callable[[ModelRequest[ContextT]], ModelResponse[ResponseT]],
+    ) -> ModelResponse[ResponseT] | ExtendedModelResponse[ResponseT]:
+        """Send only the messages since the last sleep, with the agent id bound to the model.
+
+        If those messages cannot fit the window and ``before_model`` could not sleep them (a fresh process revived
+        a thread whose window was nearly full), they are slept here first, oldest first, in window-sized groups
+        (a catch-up); the state learns of those sleeps through the returned command.
+        """
+        prepared, update = self._prepare(request)
+        return _with_update(handler(prepared), update)
+
+    async def awrap_model_call(
+        self,
+        request: ModelRequest[ContextT],
+        handler: Callable[[ModelRequest[ContextT]], Awaitable[ModelResponse[ResponseT]]],
+    ) -> ModelResponse[ResponseT] | ExtendedModelResponse[ResponseT]:
+        """Async twin of `wrap_model_call`."""
+        prepared, update = await asyncio.to_thread(self._prepare, request)
+        return _with_update(await handler(prepared), update)
+
+    def after_agent(self, state: SleepState[ResponseT], runtime: Runtime[ContextT]) -> dict[str, Any] | None:
+        """End of a turn: let the scheduler sleep in the background if the window is full enough. Never blocks."""
+        agent = self._agent_id(runtime)
+        book = self._book(agent)
+        with book.cond:
+            book.in_turn = False
+            degraded, book.degraded = book.degraded, False
+            book.cond.notify_all()
+        if degraded:
+            # The throw-away agent must not be slept or saved over the committed one: drop it; the next turn revives.
+            self._forget_live(agent)
+            self.scheduler.turn_finished(agent, window_tokens=0)
+            return {"last_sleep_status": "degraded"}
+        try:
+            window = self.engine.session(agent).window_tokens
+        except UnknownAgent:
+            window = 0
+        handle = self.scheduler.turn_finished(agent, window_tokens=window)
+        update: dict[str, Any] = {
+            "tokens_since_sleep": window,
+            "sleep_pending": handle.run_id if handle is not None and not handle.done() else None,
+        }
+        if book.last_status is not None and book.last_status != state.get("last_sleep_status"):
+            update["last_sleep_status"] = book.last_status
+        return update
+
+    async def aafter_agent(self, state: SleepState[ResponseT], runtime: Runtime[ContextT]) -> dict[str, Any] | None:
+        """Async twin of `after_agent`."""
+        return self.after_agent(state, runtime)  # lock-only work: safe on the event loop
+
+    # ------------------------------------------------------------------ the sleep job (scheduler threads)
+
+    def sleep_job(self, request: SleepRequest) -> SleepOutcome:
+        """The `SleepJob` the scheduler runs: sleep the agent's window into S, snapshot it, record what it covered.
+
+        Skips (returns a ``skipped`` outcome) when a turn is running (``after_agent`` reschedules), when the agent
+        is not live, or when the window does not hold whole, known messages (the next model call resyncs it).
+        Raises — and the agent keeps its last good state — when the engine or the store fails, or when a turn started
+        while the sleep computed.
+        """
+        agent = request.agent_id
+        book = self._book(agent)
+        with book.cond:
+            if book.in_turn and not book.sync_wanted:
+                return SleepOutcome(detail={"skipped": "a turn is running; after_agent reschedules"})
+            book.sleeping = True
+        try:
+            return self._sleep(agent, book, request)
+        finally:
+            with book.cond:
+                book.sleeping = False
+                book.cond.notify_all()
+
+    def _sleep(self, agent: str, book: _Book, request: SleepRequest) -> SleepOutcome:
+        engine = self.engine
+        if book.degraded or not engine.has_agent(agent):
+            return SleepOutcome(detail={"skipped": "the agent is not live"})
+        slot = _window.slot(engine, agent)
+        with slot.lock:  # no chat-model call on this agent while it sleeps
+            ledger = slot.ledger
+            window = engine.session(agent).window_tokens
+            if window == 0:
+                return SleepOutcome(tokens=0, detail={"skipped": "empty"})
+            if ledger is None or ledger.window_tokens != window or ledger.through is None:
+                logger.info("agent %r: window of %d tokens holds no known messages; not slept", agent, window)
+                return SleepOutcome(detail={"skipped": "the window does not hold whole, known messages"})
+            through = ledger.through
+
+            def persist(commit: SleepCommit) -> str | None:
+                if commit.tokens != ledger.window_tokens:
+                    raise SleepFailed(
+                        f"agent {agent!r}: the sleep covered {commit.tokens} tokens but the messages fill "
+                        f"{ledger.window_tokens}; not committed"
+                    )
+                with book.cond:
+                    if book.in_turn and not book.sync_wanted:
+                        raise SleepFailed(f"agent {agent!r}: a turn started while it slept; retried after the turn")
+                if self.store is None or not request.snapshot:
+                    return None
+                memory = commit.memory
+                return self.store.save(
+                    agent,
+                    memory.state,
+                    list(memory.window),
+                    reason="sleep",
+                    passes=commit.passes,
+                    tokens_consolidated=memory.tokens_consolidated,
+                    thread_id=book.thread_id,
+                    metadata={
+                        "sleep_count": memory.sleep_count,
+                        "tokens_seen": memory.tokens_seen,
+                        "consolidated_through": through,
+                        "run_id": request.run_id,
+                        "reason": request.reason,
+                    },
+                ).id
+
+            result = engine.sleep(agent, request.passes, persist=persist)
+            if result.skipped is not None:
+                return SleepOutcome(detail={"skipped": result.skipped})
+            slot.ledger = _window.EMPTY if result.carried == 0 else None
+            sleep_count = engine.session(agent).sleep_count
+        with book.cond:
+            book.committed = _Commit(result.snapshot_id, through, sleep_count)
+        logger.info(
+            "agent %r slept %d tokens through message %s (N=%d) -> snapshot %s",
+            agent,
+            result.tokens,
+            through,
+            result.passes,
+            result.snapshot_id,
+        )
+        return SleepOutcome(
+            snapshot_id=result.snapshot_id,
+            passes=result.passes,
+            tokens=result.tokens,
+            detail={"consolidated_through": through, "seconds": result.seconds},
+        )
+
+    def _on_record(self, record: SleepRecord) -> None:
+        book = self._book(record.agent_id)
+        with book.cond:
+            book.last_status = record.status
+            if record.status == "failed":
+                book.unreported_failure = record
+
+    # ------------------------------------------------------------------ internals
+
+    def _agent_id(self, runtime: Runtime[Any] | None) -> str:
+        if self.agent_id:
+            return self.agent_id
+        if self.agent_key is not None and runtime is not None:
+            key = self.agent_key(runtime)
+            if key:
+                return str(key)
+        context = getattr(runtime, "context", None)
+        key = context.get("agent_id") if isinstance(context, Mapping) else getattr(context, "agent_id", None)
+        if key:
+            return str(key)
+        thread = _thread_id(runtime)
+        if thread:
+            return thread
+        raise MissingAgentKey(
+            "SleepMemory cannot tell which agent this run belongs to: run the agent with a checkpointer and "
+            "config={'configurable': {'thread_id': ...}}, or pass SleepMemory(agent_id=...) or agent_key=..., or "
+            "put 'agent_id' into the runtime context"
+        )
+
+    def _book(self, agent_id: str, thread_id: str | None = None) -> _Book:
+        with self._books_lock:
+            book = self._books.get(agent_id)
+            if book is None:
+                book = self._books[agent_id] = _Book(agent_id)
+            if thread_id is not None:
+                book.thread_id = thread_id
+            return book
+
+    def _require_store(self) -> SnapshotStore:
+        if self.store is None:
+            raise ConfigError("this SleepMemory has no snapshot store; pass store=SnapshotStore(...) or a URL")
+        return self.store
+
+    def _ensure_live(self, agent: str, book: _Book) -> None:
+        """The agent is live in the engine: already, revived from the store, or new."""
+        if self.engine.has_agent(agent):
+            return
+        if self.store is None:
+            self.engine.create_agent(agent)
+            return
+        last: Exception | None = None
+        for attempt in range(_REVIVE_ATTEMPTS):
+            try:
+                loaded = self.store.latest(agent, fingerprint=self.engine.fingerprint, fallback=True)
+            except (UnknownAgent, UnknownSnapshot):
+                self.engine.create_agent(agent)
+                return
+            except SnapshotMismatch:
+                raise
+            except Exception as e:  # the store is unavailable: try again shortly
+                last = e
+                logger.warning("agent %r: reviving from the store failed (attempt %d): %s", agent, attempt + 1, e)
+                time.sleep(_REVIVE_BACKOFF_SECONDS * 2**attempt)
+                continue
+            self._install(agent, book, loaded)
+            return
+        raise StoreError(f"cannot revive agent {agent!r}: the snapshot store failed {_REVIVE_ATTEMPTS} times") from last
+
+    def _install(self, agent: str, book: _Book, loaded: Any) -> AgentSession:
+        """Make a loaded snapshot the agent's memory and remember what its window holds."""
+        session = self.engine.import_state(agent, memory_from_snapshot(loaded), snapshot_id=loaded.record.id)
+        meta = loaded.record.meta
+        slot = _window.slot(self.engine, agent)
+        ids = meta.get("window_message_ids")
+        if not loaded.window:
+            slot.ledger = _window.EMPTY
+        elif isinstance(ids, list) and ids:
+            slot.ledger = _window.WindowLedger(tuple(ids), len(loaded.window), int(meta.get("window_head_tokens", 0)))
+        else:
+            slot.ledger = None
+        with book.cond:
+            book.committed = _Commit(loaded.record.id, meta.get("consolidated_through"), session.sleep_count)
+        logger.info("agent %r revived from snapshot %s (seq %d)", agent, loaded.record.id, loaded.record.seq)
+        return session
+
+    def _degrade(self, agent: str, book: _Book, error: Exception) -> None:
+        logger.error(
+            "agent %r: %s; this turn runs on a throw-away agent (zero fast weights + the messages since the last "
+            "sleep), and the next turn tries to revive it again",
+            agent,
+            error,
+        )
+        with book.cond:
+            book.degraded = True
+            book.last_status = "degraded"
+        if not self.engine.has_agent(agent):
+            self.engine.create_agent(agent)
+
+    def _forget_live(self, agent: str) -> None:
+        """Drop the live agent (not its book or snapshots)."""
+        if self.engine.has_agent(agent):
+            try:
+                self.engine.remove_agent(agent)
+            except UnknownAgent:
+                pass
+        _window.forget(self.engine, agent)
+
+    def _adopt(self, state: Mapping[str, Any], book: _Book) -> dict[str, Any]:
+        """State update for the newest committed sleep, if the graph state has not seen it yet."""
+        with book.cond:
+            c = book.committed
+        if c is None:
+            return {}
+        if (
+            state.get("sleep_count") == c.sleep_count
+            and state.get("consolidated_through") == c.through
+            and state.get("snapshot_id") == c.snapshot_id
+        ):
+            return {}
+        update: dict[str, Any] = {
+            "snapshot_id": c.snapshot_id,
+            "consolidated_through": c.through,
+            "sleep_count": c.sleep_count,
+            "sleep_pending": None,
+            "last_sleep_status": "completed",
+        }
+        if self.prune_consolidated and c.through is not None:
+            messages: Sequence[BaseMessage] = state.get("messages", [])
+            ids = [m.id for m in messages]
+            if c.through in ids:
+                cut = ids.index(c.through) + 1
+                update["messages"] = [RemoveMessage(id=i) for i in ids[:cut] if i]
+        return update
+
+    def _needed_tokens(self, agent: str, messages: Sequence[BaseMessage], codec: ChatCodec) -> tuple[int, bool]:
+        """(window tokens the next call needs, whether sleeping the current window makes room)."""
+        slot = _window.slot(self.engine, agent)
+        ledger = slot.ledger
+        window = self.engine.session(agent).window_tokens
+        tail = len(codec.generation_prefix) + len(codec.end_ids) + self._reserve()
+        ids = [m.id for m in messages]
+        n = len(ledger.message_ids) if ledger is not None else 0
+        if ledger is not None and ledger.window_tokens == window and tuple(ids[:n]) == ledger.message_ids:
+            fresh = codec.count(messages[n:])
+            if window == 0:
+                return slot.head_tokens + fresh + tail, False
+            return window + fresh + tail, True
+        return slot.head_tokens + codec.count(messages) + tail, False
+
+    def _reserve(self) -> int:
+        if self.reserve_tokens is not None:
+            return self.reserve_tokens
+        if self.model is not None:
+            return self.model.max_tokens
+        return _DEFAULT_RESERVE_TOKENS
+
+    def _prepare(self, request: ModelRequest[ContextT]) -> tuple[ModelRequest[ContextT], dict[str, Any] | None]:
+        """The request the model gets, and a state update if catch-up sleeps committed.
+
+        The model gets the messages after ``consolidated_through``, with the agent id bound.
+        """
+        model = request.model
+        if not isinstance(model, ChatSleepHybrid) or model.engine is not self.engine:
+            if not self._warned_model:
+                self._warned_model = True
+                logger.warning(
+                    "SleepMemory: the agent's model is %s, not a ChatSleepHybrid on this engine; passing calls through "
+                    "without memory",
+                    type(model).__name__,
+                )
+            return request, None
+        if self._codec is None:
+            self._codec = model.codec
+        agent = self._agent_id(request.runtime)
+        messages = _after(request.messages, request.state.get("consolidated_through"))
+        update = self._catch_up(agent, request, messages, model)
+        if update is not None:
+            messages = _after(request.messages, update["consolidated_through"])
+        messages = self._fit(agent, request.system_message, messages, model)
+        snapshot_id = (update or request.state).get("snapshot_id")
+        settings = {**request.model_settings, "agent_id": agent, "snapshot_id": snapshot_id}
+        return request.override(messages=messages, model_settings=settings), update
+
+    def _catch_up(
+        self, agent: str, request: ModelRequest[ContextT], messages: list[AnyMessage], model: ChatSleepHybrid
+    ) -> dict[str, Any] | None:
+        """Sleep the oldest messages in window-sized groups until the rest fits with room for the reply."""
+        book = self._book(agent)
+        if book.degraded or not self.engine.has_agent(agent):
+            return None
+        codec = model.codec
+        system = [request.system_message] if request.system_message is not None else []
+        head = codec.count(system)
+        tail = len(codec.generation_prefix) + len(codec.end_ids) + self._reserve()
+        sizes = [len(p) for p in codec.render(messages)]
+        start, slept = 0, False
+        while head + sum(sizes[start:]) + tail > self.policy.window and start < len(messages) - 1:
+            k, used = 0, head
+            while start + k < len(messages) - 1 and used + sizes[start + k] <= self.policy.window:
+                used += sizes[start + k]
+                k += 1
+            if k == 0 or messages[start + k - 1].id is None:
+                break  # one message alone does not fit: nothing to sleep; the lossy fallback decides
+            group = messages[start : start + k]
+            logger.info("agent %r: catching up, sleeping %d messages that cannot fit beside the rest", agent, k)
+            try:
+                sync_window(self.engine, codec, agent, [*system, *group])
+                with book.cond:
+                    book.sync_wanted = True
+                try:
+                    self.scheduler.sleep_now(agent, timeout=self.policy.sleep_timeout_seconds)
+                finally:
+                    with book.cond:
+                        book.sync_wanted = False
+            except Exception as e:  # the lossy fallback takes over; the turn goes on
+                if self.on_error == "raise":
+                    raise
+                logger.warning("agent %r: catch-up sleep failed (%s)", agent, e)
+                break
+            with book.cond:
+                committed = book.committed
+            if committed is None or committed.through != group[-1].id:
+                break
+            start += k
+            slept = True
+        if not slept:
+            return None
+        return self._adopt(request.state, book) or None
+
+    def _fit(
+        self, agent: str, system: BaseMessage | None, messages: list[AnyMessage], model: ChatSleepHybrid
+    ) -> list[AnyMessage]:
+        """Drop the oldest messages if the call cannot fit the window even after (a failed) sleep: degraded, logged."""
+        codec = model.codec
+        head = codec.count([system]) if system is not None else 0
+        fixed = head + len(codec.generation_prefix) + len(codec.end_ids) + 1  # at least one reply token
+        sizes = [len(p) for p in codec.render(messages)]
+        total = fixed + sum(sizes)
+        start = 0
+        while total > self.engine.window and start < len(messages) - 1:
+            total -= sizes[start]
+            start += 1
+        if start:
+            logger.warning(
+                "agent %r: the messages since the last sleep do not fit the window (the sleep that would have made "
+                "room failed); sending the newest %d of %d",
+                agent,
+                len(messages) - start,
+                len(messages),
+            )
+        return messages[start:]
+
+
+def _with_update(
+    response: ModelResponse[ResponseT], update: dict[str, Any] | None
+) -> ModelResponse[ResponseT] | ExtendedModelResponse[ResponseT]:
+    if not update:
+        return response
+    return ExtendedModelResponse(model_response=response, command=Command(update=update))
+
+
+def _thread_id(runtime: Runtime[Any] | None) -> str | None:
+    info = getattr(runtime, "execution_info", None)
+    thread = getattr(info, "thread_id", None)
+    return str(thread) if thread else None
+
+
+def _after(messages: Sequence[AnyMessage], through: str | None) -> list[AnyMessage]:
+    """The messages after ``through`` (all of them if it is None or already pruned)."""
+    if through is None:
+        return list(messages)
+    for i, m in enumerate(messages):
+        if m.id == through:
+            return list(messages[i + 1 :])
+    return list(messages)
+
+
+def _engine_codec(engine: Engine) -> ChatCodec | None:
+    """The engine's chat codec if its tokenizer can be found (else learned from the chat model at its first call)."""
+    try:
+        tok = _find_tokenizer(engine, None)
+    except ConfigError:
+        return None
+    return ChatCodec(tok, _engine_template(engine, tok), fingerprint=engine.fingerprint)
+
+
+__all__ = ["OnError", "SleepMemory", "SleepState"]
