@@ -1,0 +1,694 @@
+"""`VLLMEngine`: the `Engine` protocol on vLLM — many agents, their fast weights carried by the KV connector.
+
+vLLM keeps nothing between calls. Each agent's memory is held here exactly as `TorchEngine` holds it (the state its
+window started from, the window's tokens, and at most one generated token waiting for the next window), and every
+model call is one vLLM request ``[BOS] + window``: the connector restores S (`agentsleep.serving.connector`) and vLLM
+re-runs the window in one prefill, then decodes. A request never crosses a window: when the window is full the agent
+sleeps and the next request opens the next window (the same rule as `TorchEngine`, paper.md §5).
+
+S reaches the connector through a private, engine-owned `SnapshotStore` (a temporary SQLite file by default; the
+"state transport"), written only when S changes (create, import, sleep). It is not the product's store: snapshots
+for users go through the same ``persist`` / ``on_sleep`` callbacks and `revive` as for any engine.
+
+Sleep runs in PyTorch on the same weights by default (the float32 reference; it is offline work and matches
+`TorchEngine`). ``sleep_backend="vllm"`` runs a one-pass sleep (N=1) on vLLM instead: the window is prefilled and the
+connector copies the GDN state out of vLLM's pages (bf16 compute; see docs/serving.md for the measured difference).
+
+Differences from `TorchEngine` (docs/serving.md): bf16 on vLLM against the float32 reference (greedy tokens agree on
+the tested models, logits to a stated bound); ``return_logits`` gives the generated tokens' distributions as
+log-probabilities (logits minus their log-sum-exp, so argmax and softmax are unchanged) and no ``prompt_logits``:
+asking vLLM for prompt log-probs makes it skip the connector's cache hit, i.e. drop the restored S. Sampled
+(temperature > 0) tokens come from vLLM's sampler, so they are not bit-equal to `TorchEngine`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from agentsleep.errors import ConfigError, EngineError, InvalidInput, SleepFailed, UnknownAgent, WindowOverflow
+from agentsleep.model.hybrid import SleepHybrid
+from agentsleep.model.state import FastWeights
+from agentsleep.runtime.engine import (
+    AgentMemory,
+    AgentSession,
+    GenerateRequest,
+    Generation,
+    ObserveResult,
+    PersistMemory,
+    PersistSleep,
+    SamplingParams,
+    SleepCommit,
+    SleepResult,
+    SleepTrigger,
+    TokenIds,
+    check_token_ids,
+)
+from agentsleep.runtime.text import TOKENIZER_FILE, TextCodec
+from agentsleep.runtime.torch_engine import check_agent_id
+from agentsleep.serving.reference import reference_model
+from agentsleep.serving.settings import DEFAULT_KV_CACHE_BYTES, apply_env_defaults, kv_transfer_config, require_vllm
+from agentsleep.store import SnapshotStore
+
+logger = logging.getLogger(__name__)
+
+SleepBackend = Literal["torch", "vllm"]
+_STATE_KEEP = 2  # transport snapshots kept per agent (the newest is all a request needs; one spare for safety)
+
+
+@dataclass(eq=False)
+class _Agent:
+    """One live agent. Fields are read and written with ``lock`` held."""
+
+    agent_id: str
+    state: FastWeights  # the state the current window started from
+    state_id: str | None  # its transport snapshot (None while S is zero: nothing to restore)
+    window: list[int] = field(default_factory=list)  # tokens of the current window (≤ L)
+    pending: list[int] = field(default_factory=list)  # the last generated token, not yet fed
+    sleep_count: int = 0
+    tokens_consolidated: int = 0
+    tokens_seen: int = 0
+    snapshot_id: str | None = None
+    epoch: int = 0
+    removed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One request of `generate_batch`."""
+
+    agent: _Agent
+    prompt: list[int]
+    sampling: SamplingParams
+    seed: int | None
+    new: list[int] = field(default_factory=list)
+    step_logits: list[torch.Tensor] = field(default_factory=list)
+    sleeps: int = 0
+    done: bool = False
+
+
+class VLLMEngine:
+    """Many agents on one in-process vLLM engine serving a `SleepHybrid` checkpoint.
+
+    Args:
+        checkpoint: the checkpoint directory (`SleepHybrid.save_pretrained`; ``tokenizer.json`` optional).
+        passes: default N for sleeps (default the checkpoint's).
+        sleep_backend: ``"torch"`` (default: the float32 reference, any N) or ``"vllm"`` (N=1 on vLLM).
+        state_dir: directory of the private state-transport store (default: a temporary directory).
+        dtype: vLLM compute dtype; the CPU GDN kernels need ``"bfloat16"``.
+        max_num_seqs: requests vLLM runs in one batch.
+        kv_cache_memory_bytes: vLLM's KV/state cache size.
+        enforce_eager: skip torch.compile (saves ~25 s of start-up on CPU).
+        seed: vLLM's seed.
+        llm_kwargs: anything else for `vllm.LLM`.
+
+    Environment: `agentsleep.serving.settings.ENV_DEFAULTS` are applied where unset (in-process engine core, CPU
+    thread binding). Thread safety: one lock per agent plus one around the vLLM engine; threads may drive different
+    agents at once, their model calls are serialised (batch agents with `generate_batch`).
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike[str],
+        *,
+        passes: int | None = None,
+        sleep_backend: SleepBackend = "torch",
+        state_dir: str | os.PathLike[str] | None = None,
+        dtype: str = "bfloat16",
+        max_num_seqs: int = 8,
+        kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES,
+        enforce_eager: bool = True,
+        seed: int = 0,
+        llm_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        apply_env_defaults()  # before vLLM reads its environment
+        require_vllm()
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+            raise ConfigError("VLLMEngine needs VLLM_ENABLE_V1_MULTIPROCESSING=0 (an in-process engine core)")
+        if sleep_backend not in ("torch", "vllm"):
+            raise InvalidInput(f"sleep_backend must be 'torch' or 'vllm', got {sleep_backend!r}")
+        self.path = Path(checkpoint).resolve()
+        self.model: SleepHybrid = reference_model(self.path)  # sleeps, state checks, config
+        cfg = self.model.config
+        if cfg.bos_token_id is None:
+            raise ConfigError("VLLMEngine needs a checkpoint with bos_token_id: every window opens with the BOS")
+        if cfg.eviction != "hard":
+            raise ConfigError(
+                f"VLLMEngine serves hard eviction only (this checkpoint: {cfg.eviction!r}); use TorchEngine"
+            )
+        self._passes = self._check_passes(passes, cfg.passes)
+        self.sleep_backend: SleepBackend = sleep_backend
+        tok = self.path / TOKENIZER_FILE
+        self.codec = TextCodec.from_file(tok) if tok.is_file() else None
+        self._tmp = None if state_dir is not None else tempfile.TemporaryDirectory(prefix="agentsleep-vllm-")
+        root = Path(state_dir) if state_dir is not None else Path(self._tmp.name)  # type: ignore[union-attr]
+        root.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{root / 'vllm-state.db'}"
+        # A cache, not the product's store: losing it on a crash loses nothing (memories live in the engine).
+        self._states = SnapshotStore(url, sqlite_synchronous="OFF")
+
+        from vllm import LLM
+        from vllm.config import KVTransferConfig
+
+        kwargs: dict[str, Any] = {
+            "model": str(self.path),
+            "skip_tokenizer_init": True,
+            "dtype": dtype,
+            "distributed_executor_backend": "uni",
+            "enforce_eager": enforce_eager,
+            "kv_cache_memory_bytes": kv_cache_memory_bytes,
+            "enable_prefix_caching": False,
+            "max_model_len": cfg.window + 2,  # BOS + L + the sampled token that is never fed (config.py)
+            "max_num_seqs": max_num_seqs,
+            "max_logprobs": cfg.vocab_size,  # return_logits asks for the whole distribution
+            "seed": seed,
+            "kv_transfer_config": KVTransferConfig(**kv_transfer_config(url)),
+        }
+        kwargs.update(llm_kwargs or {})
+        t0 = time.perf_counter()
+        self.llm = LLM(**kwargs)
+        logger.info("vLLM engine for %s ready in %.1f s", self.path, time.perf_counter() - t0)
+        self._agents: dict[str, _Agent] = {}
+        self._registry = threading.Lock()
+        self._vllm = threading.Lock()  # vllm.LLM is not thread-safe
+
+    def __repr__(self) -> str:
+        return f"VLLMEngine({str(self.path)!r}, L={self.window}, N={self.passes}, agents={len(self._agents)})"
+
+    def close(self) -> None:
+        """Release the vLLM engine and the transport store."""
+        with contextlib.suppress(Exception):
+            self.llm.llm_engine.engine_core.shutdown()
+        self._states.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> VLLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def fingerprint(self) -> str:
+        return self.model.fingerprint
+
+    @property
+    def window(self) -> int:
+        return self.model.config.window
+
+    @property
+    def passes(self) -> int:
+        return self._passes
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    @property
+    def states(self) -> SnapshotStore:
+        """The private state-transport store the connector restores S from (see the module docstring)."""
+        return self._states
+
+    @property
+    def bos(self) -> int:
+        return int(self.model.config.bos_token_id)  # type: ignore[arg-type]  # checked in __init__
+
+    # ------------------------------------------------------------------ text
+
+    def encode(self, text: str | bytes) -> list[int]:
+        if self.codec is None:
+            raise InvalidInput("this checkpoint has no tokenizer.json: pass token ids")
+        return check_token_ids(self.codec.encode(text), self.vocab_size, what="encoded text")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.codec is None:
+            raise InvalidInput("this checkpoint has no tokenizer.json: it cannot turn ids into text")
+        return self.codec.decode(ids)
+
+    # ------------------------------------------------------------------ agents
+
+    def create_agent(self, agent_id: str) -> AgentSession:
+        """A new agent: S = 0, empty window. Raises `InvalidInput` if the id is taken."""
+        check_agent_id(agent_id)
+        agent = _Agent(agent_id=agent_id, state=self.model.init_state(1), state_id=None)
+        with self._registry:
+            if agent_id in self._agents:
+                raise InvalidInput(f"agent {agent_id!r} already exists; use import_state to replace its memory")
+            self._agents[agent_id] = agent
+        return self._session(agent)
+
+    def has_agent(self, agent_id: str) -> bool:
+        return agent_id in self._agents
+
+    def agent_ids(self) -> list[str]:
+        with self._registry:
+            return sorted(self._agents)
+
+    def remove_agent(self, agent_id: str) -> None:
+        with self._registry:
+            agent = self._agents.pop(agent_id, None)
+        if agent is None:
+            raise UnknownAgent(f"no live agent {agent_id!r} in this engine")
+        with agent.lock:
+            agent.removed = True
+            agent.epoch += 1
+
+    def session(self, agent_id: str) -> AgentSession:
+        agent = self._agent(agent_id)
+        with agent.lock:
+            self._check_alive(agent)
+            return self._session(agent)
+
+    # ------------------------------------------------------------------ wake
+
+    def observe(
+        self,
+        agent_id: str,
+        tokens: TokenIds,
+        *,
+        return_logits: bool = False,
+        passes: int | None = None,
+        on_sleep: PersistSleep | None = None,
+    ) -> ObserveResult:
+        """Append tokens to the agent's window, sleeping whenever it is full (as `TorchEngine.observe`).
+
+        No model call is needed: the window is re-run by the next `generate`. ``return_logits`` is not supported
+        here (InvalidInput): use `generate` with ``return_logits``.
+        """
+        if return_logits:
+            raise InvalidInput("VLLMEngine.observe cannot return logits; use generate(..., return_logits=True)")
+        ids = check_token_ids(tokens, self.vocab_size)
+        N = self._check_passes(passes, self._passes)
+        agent = self._agent(agent_id)
+        with agent.lock:
+            self._check_alive(agent)
+            sleeps = self._feed(agent, ids, N, on_sleep)
+            return ObserveResult(agent_id, len(ids), sleeps, len(agent.window) + len(agent.pending))
+
+    def generate(
+        self,
+        agent_id: str,
+        prompt: TokenIds,
+        sampling: SamplingParams | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        return_logits: bool = False,
+        passes: int | None = None,
+        on_sleep: PersistSleep | None = None,
+    ) -> Generation:
+        """Take the prompt in and generate (as `TorchEngine.generate`); one vLLM request per window touched."""
+        req = GenerateRequest(agent_id, prompt, sampling or SamplingParams(), generator)
+        return self.generate_batch([req], return_logits=return_logits, passes=passes, on_sleep=on_sleep)[0]
+
+    def generate_batch(
+        self,
+        requests: Sequence[GenerateRequest],
+        *,
+        return_logits: bool = False,
+        passes: int | None = None,
+        on_sleep: PersistSleep | None = None,
+    ) -> list[Generation]:
+        """`generate` for several agents at once: every round submits one request per unfinished agent to vLLM,
+        which batches them (continuous batching). Each agent appears at most once."""
+        if not requests:
+            return []
+        ids_seen = [r.agent_id for r in requests]
+        if len(set(ids_seen)) != len(ids_seen):
+            raise InvalidInput("generate_batch: each agent may appear only once per batch")
+        N = self._check_passes(passes, self._passes)
+        streams = []
+        for r in requests:
+            sp = r.sampling
+            check_token_ids(list(sp.stop_tokens), self.vocab_size, what="stop_tokens", allow_empty=True)
+            prompt = check_token_ids(r.prompt, self.vocab_size, what=f"prompt of {r.agent_id!r}")
+            seed = sp.seed
+            if r.generator is not None:  # vLLM samples with its own generator: derive its seed from the caller's
+                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=r.generator))
+            streams.append(_Stream(agent=self._agent(r.agent_id), prompt=prompt, sampling=sp, seed=seed))
+        with contextlib.ExitStack() as locks:
+            for s in sorted(streams, key=lambda s: s.agent.agent_id):  # one global order: no deadlock
+                locks.enter_context(s.agent.lock)
+                self._check_alive(s.agent)
+            for s in streams:
+                s.sleeps = self._feed(s.agent, s.prompt, N, on_sleep)
+                s.done = s.sampling.max_new_tokens == 0
+            while active := [s for s in streams if not s.done]:
+                for s in active:
+                    self._make_room(s, N, on_sleep)
+                self._round(active, return_logits=return_logits)
+            return [self._result(s, return_logits) for s in streams]
+
+    # ------------------------------------------------------------------ sleep
+
+    def sleep(self, agent_id: str, passes: int | None = None, *, persist: PersistSleep | None = None) -> SleepResult:
+        """Consolidate the window into S with N passes and clear it (as `TorchEngine.sleep`: computed without
+        holding the agent, committed atomically after ``persist``; on any failure the agent is unchanged)."""
+        N = self._check_passes(passes, self._passes)
+        agent = self._agent(agent_id)
+        t0 = time.perf_counter()
+        with agent.lock:
+            self._check_alive(agent)
+            if agent.pending and len(agent.window) + len(agent.pending) <= self.window:
+                agent.window += agent.pending  # the waiting token joins this window before it is consolidated
+                agent.pending = []
+            if not agent.window:
+                return SleepResult(agent_id, N, 0, "empty", None, time.perf_counter() - t0)
+            state, window, epoch, state_id = agent.state, list(agent.window), agent.epoch, agent.state_id
+        new_state = self._sleep_state(agent_id, state, state_id, window, N)
+        with agent.lock:
+            if agent.epoch != epoch or agent.removed:
+                logger.info("sleep of agent %r superseded while it computed; result dropped", agent_id)
+                return SleepResult(agent_id, N, 0, "superseded", None, time.perf_counter() - t0)
+            tail = agent.window[len(window) :] + agent.pending
+            sid = self._commit(agent, new_state, len(window), tail, N, "sleep", persist, tolerate=False)
+        return SleepResult(agent_id, N, len(window), None, sid, time.perf_counter() - t0, carried=len(tail))
+
+    def flush(self) -> None:
+        """Step the engine until every sleep copy-out (``sleep_backend="vllm"``) is saved: offline `vllm.LLM` stops
+        stepping when its last request finishes, and the copy runs in the step after (spec/vllm-cpu.md §8.8)."""
+        engine = self.llm.llm_engine
+        core = engine.engine_core.engine_core  # InprocClient -> EngineCore (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+        for _ in range(1000):
+            if not core.scheduler.has_requests():
+                return
+            engine.step()
+        raise EngineError("vLLM did not finish its pending state copies within 1000 steps")
+
+    # ------------------------------------------------------------------ memory in and out
+
+    def export_state(self, agent_id: str) -> AgentMemory:
+        agent = self._agent(agent_id)
+        with agent.lock:
+            self._check_alive(agent)
+            return self._memory(agent)
+
+    def checkpoint(self, agent_id: str, persist: PersistMemory) -> str | None:
+        agent = self._agent(agent_id)
+        with agent.lock:
+            self._check_alive(agent)
+            sid = persist(self._memory(agent))
+            if sid is not None:
+                agent.snapshot_id = sid
+            return sid
+
+    def import_state(self, agent_id: str, memory: AgentMemory, *, snapshot_id: str | None = None) -> AgentSession:
+        """Make ``memory`` the agent's memory (creating the agent if needed)."""
+        check_agent_id(agent_id)
+        if not isinstance(memory, AgentMemory):
+            raise InvalidInput(f"memory must be an AgentMemory, got {type(memory).__name__}")
+        self.model.check_state(memory.state, batch=1)
+        window = check_token_ids(memory.window, self.vocab_size, what="memory.window", allow_empty=True)
+        L = self.window
+        if len(window) > L + 1:
+            raise WindowOverflow(f"memory.window holds {len(window)} tokens but a window holds L={L} (+1 waiting)")
+        state = memory.state.clone().to("cpu")
+        fresh = _Agent(
+            agent_id=agent_id,
+            state=state,
+            state_id=self._store_state(agent_id, state),
+            window=window[:L],
+            pending=window[L:],
+            sleep_count=memory.sleep_count,
+            tokens_consolidated=memory.tokens_consolidated,
+            tokens_seen=max(memory.tokens_seen, memory.tokens_consolidated + len(window)),
+            snapshot_id=snapshot_id,
+        )
+        while True:
+            agent = self._agents.get(agent_id)
+            if agent is None:
+                with self._registry:
+                    if agent_id not in self._agents:
+                        self._agents[agent_id] = fresh
+                        return self._session(fresh)
+                continue
+            with agent.lock:
+                if agent.removed:
+                    continue
+                agent.state, agent.state_id = fresh.state, fresh.state_id
+                agent.window, agent.pending = fresh.window, fresh.pending
+                agent.sleep_count, agent.tokens_consolidated = fresh.sleep_count, fresh.tokens_consolidated
+                agent.tokens_seen, agent.snapshot_id = fresh.tokens_seen, fresh.snapshot_id
+                agent.epoch += 1
+                return self._session(agent)
+
+    def revive(self, agent_id: str, store: SnapshotStore, snapshot_id: str | None = None) -> AgentSession:
+        """Load the agent from ``store`` (its latest snapshot, or ``snapshot_id``)."""
+        from agentsleep.runtime.revive import revive
+
+        return revive(self, store, agent_id, snapshot_id)
+
+    # ------------------------------------------------------------------ internals
+
+    @staticmethod
+    def _check_passes(passes: int | None, default: int) -> int:
+        n = default if passes is None else passes
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidInput(f"passes must be an int >= 1, got {passes!r}")
+        return n
+
+    def _agent(self, agent_id: str) -> _Agent:
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            raise UnknownAgent(
+                f"no live agent {agent_id!r} in this engine; create_agent() it, or revive it from a snapshot store"
+            )
+        return agent
+
+    @staticmethod
+    def _check_alive(agent: _Agent) -> None:
+        if agent.removed:
+            raise UnknownAgent(f"agent {agent.agent_id!r} was removed from this engine")
+
+    @staticmethod
+    def _session(agent: _Agent) -> AgentSession:
+        return AgentSession(
+            agent_id=agent.agent_id,
+            window=tuple(agent.window + agent.pending),
+            sleep_count=agent.sleep_count,
+            snapshot_id=agent.snapshot_id,
+            tokens_consolidated=agent.tokens_consolidated,
+            tokens_seen=agent.tokens_seen,
+        )
+
+    @staticmethod
+    def _memory(agent: _Agent) -> AgentMemory:
+        return AgentMemory(
+            state=agent.state.clone(),
+            window=tuple(agent.window + agent.pending),
+            tokens_consolidated=agent.tokens_consolidated,
+            sleep_count=agent.sleep_count,
+            tokens_seen=agent.tokens_seen,
+        )
+
+    def _store_state(self, agent_id: str, state: FastWeights) -> str | None:
+        """Put S where the connector can restore it; None for S = 0 (a request then simply starts from zero)."""
+        if all(not bool(s.any()) for s in state.ssm):
+            return None
+        rec = self._states.save(agent_id, state, [], reason="transport", metadata={"engine": "vllm"})
+        self._states.prune(agent_id, keep=_STATE_KEEP)
+        return rec.id
+
+    def _feed(self, agent: _Agent, ids: list[int], passes: int, on_sleep: PersistSleep | None) -> int:
+        """Append ``ids``, sleeping whenever the window is full (`TorchEngine._feed`'s rule). Returns the sleeps."""
+        L = self.window
+        sleeps = 0
+        if len(agent.window) + len(agent.pending) > L:  # a waiting token that no longer fits opens the next window
+            self._forced_sleep(agent, passes, on_sleep)
+            sleeps += 1
+        pos = 0
+        while pos < len(ids):
+            room = L - len(agent.window) - len(agent.pending)
+            if room <= 0:
+                agent.window += agent.pending  # the waiting token still fits the old window
+                agent.pending = []
+                self._forced_sleep(agent, passes, on_sleep)
+                sleeps += 1
+                continue
+            agent.window += agent.pending + ids[pos : pos + room]
+            agent.pending = []
+            agent.tokens_seen += min(room, len(ids) - pos)
+            pos += room
+        return sleeps
+
+    def _make_room(self, s: _Stream, passes: int, on_sleep: PersistSleep | None) -> None:
+        """Before a decode round: a full window sleeps first, and the token sampled from its last slot (``s.new[-1]``,
+        never fed yet) opens the new window."""
+        agent = s.agent
+        if s.new and len(agent.window) >= self.window:
+            self._forced_sleep(agent, passes, on_sleep)
+            s.sleeps += 1
+        if s.new:
+            agent.window.append(s.new[-1])
+            agent.tokens_seen += 1
+
+    def _forced_sleep(self, agent: _Agent, passes: int, on_sleep: PersistSleep | None) -> None:
+        n = len(agent.window)
+        try:
+            new_state = self._sleep_state(agent.agent_id, agent.state, agent.state_id, list(agent.window), passes)
+            self._commit(agent, new_state, n, list(agent.pending), passes, "window_full", on_sleep, tolerate=True)
+        except Exception as e:
+            raise SleepFailed(
+                f"agent {agent.agent_id!r}: the window is full and its sleep failed ({type(e).__name__}: {e}); the "
+                "agent keeps its last good state"
+            ) from e
+
+    def _sleep_state(
+        self, agent_id: str, state: FastWeights, state_id: str | None, window: list[int], passes: int
+    ) -> FastWeights:
+        """S after ``passes`` passes over ``[BOS] + window`` from ``state``."""
+        if self.sleep_backend == "vllm" and passes == 1:
+            return self._sleep_on_vllm(agent_id, state_id, window)
+        tokens = torch.tensor([window], dtype=torch.long, device=self.model.device)
+        return self.model.sleep(tokens, state.to(self.model.device), passes).to("cpu")
+
+    def _sleep_on_vllm(self, agent_id: str, state_id: str | None, window: list[int]) -> FastWeights:
+        """One pass on vLLM: prefill ``[BOS] + window`` and let the connector copy S out of the pages."""
+        from vllm import SamplingParams as VSampling
+
+        params = {"agent_id": agent_id, "snapshot_id": state_id, "restore": state_id is not None, "save": False,
+                  "sleep": True}  # fmt: skip
+        sp = VSampling(max_tokens=1, temperature=0.0, ignore_eos=True, extra_args={"kv_transfer_params": params})
+        with self._vllm:
+            out = self.llm.generate([{"prompt_token_ids": [self.bos, *window]}], sp, use_tqdm=False)[0]
+            self.flush()
+        self._check_output(out, agent_id)
+        loaded = self._states.latest(agent_id, fingerprint=self.fingerprint)
+        if loaded.record.reason != "sleep":
+            raise EngineError(f"vLLM did not save the sleep state of agent {agent_id!r}")
+        return loaded.state
+
+    def _commit(
+        self,
+        agent: _Agent,
+        new_state: FastWeights,
+        n: int,
+        tail: list[int],
+        passes: int,
+        trigger: SleepTrigger,
+        persist: PersistSleep | None,
+        *,
+        tolerate: bool,
+    ) -> str | None:
+        """Persist, then swap in the new window (``tail`` carried into it); failures leave the agent unchanged."""
+        L = self.window
+        state_id = self._store_state(agent.agent_id, new_state)
+        sid = None
+        if persist is not None:
+            commit = SleepCommit(
+                agent_id=agent.agent_id,
+                memory=AgentMemory(
+                    state=new_state,
+                    window=tuple(tail),
+                    tokens_consolidated=agent.tokens_consolidated + n,
+                    sleep_count=agent.sleep_count + 1,
+                    tokens_seen=agent.tokens_seen,
+                ),
+                passes=passes,
+                tokens=n,
+                trigger=trigger,
+            )
+            try:
+                sid = persist(commit)
+            except Exception:
+                if not tolerate:
+                    raise
+                logger.warning("agent %r: persisting its window-full sleep failed; the sleep stands",
+                               agent.agent_id, exc_info=True)  # fmt: skip
+        agent.state, agent.state_id = new_state, state_id
+        agent.window, agent.pending = tail[:L], tail[L:]
+        agent.epoch += 1
+        agent.sleep_count += 1
+        agent.tokens_consolidated += n
+        if sid is not None:
+            agent.snapshot_id = sid
+        return sid
+
+    def _round(self, streams: list[_Stream], *, return_logits: bool) -> None:
+        """One vLLM request per stream: ``[BOS] + window``, decoding until the window is full or the stream ends."""
+        from vllm import SamplingParams as VSampling
+
+        L, V = self.window, self.vocab_size
+        inputs, params = [], []
+        for s in streams:
+            agent, sp = s.agent, s.sampling
+            # g tokens: the first g-1 are fed into this window, the g-th waits (or opens the next window)
+            room = L - len(agent.window) + 1
+            kv = {"agent_id": agent.agent_id, "snapshot_id": agent.state_id, "restore": agent.state_id is not None,
+                  "save": False}  # fmt: skip
+            params.append(
+                VSampling(
+                    max_tokens=min(sp.max_new_tokens - len(s.new), room),
+                    temperature=sp.temperature,
+                    top_k=sp.top_k if sp.top_k is not None else 0,
+                    top_p=sp.top_p if sp.top_p is not None else 1.0,
+                    seed=s.seed if s.seed is None else s.seed + len(s.new),
+                    stop_token_ids=list(sp.stop_tokens),
+                    ignore_eos=True,  # stopping is the caller's stop_tokens only, as in TorchEngine
+                    logprobs=V if return_logits else None,
+                    extra_args={"kv_transfer_params": kv},
+                )
+            )
+            inputs.append({"prompt_token_ids": [self.bos, *agent.window]})
+        with self._vllm:
+            outs = self.llm.generate(inputs, params, use_tqdm=False)
+        for s, out in zip(streams, outs):
+            self._check_output(out, s.agent.agent_id)
+            comp = out.outputs[0]
+            toks = [int(t) for t in comp.token_ids]
+            if not toks:
+                raise EngineError(f"vLLM returned no token for agent {s.agent.agent_id!r}")
+            if return_logits:
+                s.step_logits += [_dense(lp, V) for lp in comp.logprobs or []]
+            s.new += toks
+            s.agent.window += toks[:-1]
+            s.agent.tokens_seen += len(toks) - 1
+            stop = toks[-1] in s.sampling.stop_tokens
+            if stop or len(s.new) >= s.sampling.max_new_tokens:
+                s.agent.pending.append(toks[-1])
+                s.agent.tokens_seen += 1
+                s.done = True
+
+    @staticmethod
+    def _check_output(out: Any, agent_id: str) -> None:
+        kv = out.kv_transfer_params or {}
+        if kv.get("error"):
+            raise EngineError(f"vLLM could not serve agent {agent_id!r}: {kv['error']}")
+
+    def _result(self, s: _Stream, keep: bool) -> Generation:
+        stop = bool(s.new) and s.new[-1] in s.sampling.stop_tokens
+        return Generation(
+            agent_id=s.agent.agent_id,
+            tokens=tuple(s.new),
+            stop_reason="stop" if stop else "length",
+            prompt_tokens=len(s.prompt),
+            sleeps=s.sleeps,
+            window_tokens=len(s.agent.window) + len(s.agent.pending),
+            logits=torch.stack(s.step_logits) if keep and s.step_logits else None,
+            prompt_logits=None,  # vLLM skips external cache hits when prompt logprobs are asked for (see module doc)
+        )
+
+
+def _dense(logprobs: Any, vocab: int) -> torch.Tensor:
+    """vLLM's {token id: Logprob} for one position -> a dense [vocab] float32 vector (-inf where absent)."""
+    out = torch.full((vocab,), float("-inf"))
+    if logprobs:
+        for tok, lp in logprobs.items():
+            out[int(tok)] = float(lp.logprob)
+    return out
+
+
+__all__ = ["SleepBackend", "VLLMEngine"]

