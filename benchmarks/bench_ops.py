@@ -40,7 +40,7 @@ def main() -> None:
             grad = mode == "fwd+bwd"
             q, k, v, g, beta = inputs(args.batch, T, args.heads, args.dim, grad)
 
-            def run(op):
+            def run(op, q=q, k=k, v=v, g=g, beta=beta, grad=grad):
                 def f():
                     o, s = op(q, k, v, g=g, beta=beta)
                     if grad:

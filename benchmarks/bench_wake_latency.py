@@ -15,13 +15,25 @@ import time
 
 import torch
 
-from agentsleep.model.hybrid import HybridConfig, SleepHybrid
+from agentsleep.model.hybrid import HybridConfig, SleepHybrid, WindowCache
 from benchmarks._common import banner, percentile, setup, timeit
 
 
 def build(layout: str, window: int, d: int) -> SleepHybrid:
     cfg = HybridConfig(vocab_size=256, d_model=d, layout=layout, window=window, bos_token_id=255, gdn_head_dim=64)
     return SleepHybrid(cfg).eval()
+
+
+@torch.no_grad()
+def time_decode(model: SleepHybrid, cache: WindowCache, tok: torch.Tensor, steps: int) -> list[float]:
+    """Seconds per token of ``steps`` greedy single-token decode steps on ``cache``, starting from ``tok`` [1, 1]."""
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        logits = model.extend(cache, tok)
+        times.append(time.perf_counter() - t0)
+        tok = logits[:, -1:].argmax(-1)
+    return times
 
 
 @torch.no_grad()
@@ -33,14 +45,7 @@ def hybrid_after_history(model: SleepHybrid, history: int, decode: int) -> list[
     for _ in range(history // L):
         state = model.sleep(torch.randint(0, 250, (1, L), generator=gen), state, 1)
     cache = model.start_window(state)
-    tok = torch.randint(0, 250, (1, 1), generator=gen)
-    times = []
-    for _ in range(decode):
-        t0 = time.perf_counter()
-        logits = model.extend(cache, tok)
-        times.append(time.perf_counter() - t0)
-        tok = logits[:, -1:].argmax(-1)
-    return times
+    return time_decode(model, cache, torch.randint(0, 250, (1, 1), generator=gen), decode)
 
 
 @torch.no_grad()
@@ -50,14 +55,7 @@ def full_attention_after_history(model: SleepHybrid, history: int, decode: int, 
     gen = torch.Generator().manual_seed(history)
     for _ in range(history // block):
         model.extend(cache, torch.randint(0, 250, (1, block), generator=gen))
-    tok = torch.randint(0, 250, (1, 1), generator=gen)
-    times = []
-    for _ in range(decode):
-        t0 = time.perf_counter()
-        logits = model.extend(cache, tok)
-        times.append(time.perf_counter() - t0)
-        tok = logits[:, -1:].argmax(-1)
-    return times
+    return time_decode(model, cache, torch.randint(0, 250, (1, 1), generator=gen), decode)
 
 
 def main() -> None:

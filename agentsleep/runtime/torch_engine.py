@@ -16,101 +16,76 @@ result is dropped.
 
 The last token `generate` emits joins the window but runs through the model only with the agent's next input: its
 logits would predict the *next* turn, so computing them at once would put a pass on the response path for nothing.
+
+The agents' books (registry, locks, sessions, import / export, the commit of a sleep) are `agentsleep.runtime.base`,
+shared with `VLLMEngine`; this module holds what is the torch backend's own.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import re
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import tokenizers
 import torch
 from torch import Tensor
 
-from agentsleep.errors import InvalidInput, SleepFailed, UnknownAgent, WindowOverflow
+from agentsleep.errors import InvalidInput, SleepFailed
 from agentsleep.model.hybrid import SleepHybrid, WindowCache
 from agentsleep.model.state import FastWeights
+from agentsleep.runtime.base import EngineBase, LiveAgent, Stream, check_agent_id
 from agentsleep.runtime.caches import batch_key, copy_cache, split_cache, stack_caches
 from agentsleep.runtime.engine import (
-    AgentMemory,
-    AgentSession,
     GenerateRequest,
     Generation,
     ObserveResult,
-    PersistMemory,
     PersistSleep,
     SamplingParams,
     SleepCommit,
     SleepResult,
-    SleepTrigger,
     TokenIds,
     check_token_ids,
 )
 from agentsleep.runtime.sampling import sample_next
 from agentsleep.runtime.text import TOKENIZER_FILE, TextCodec
 
-if TYPE_CHECKING:
-    from agentsleep.store import SnapshotStore
-
 logger = logging.getLogger(__name__)
 
-_AGENT_ID = re.compile(r"^\S.{0,127}$", re.DOTALL)  # non-empty, ≤ 128 chars (the store's id column), no leading space
 
+@dataclass(eq=False, kw_only=True)
+class _Live(LiveAgent):
+    """One live agent: ``window`` holds the real tokens already run through pass 1 (≤ L), ``cache`` their K/V and
+    pass-1 features on the state the window started from. Every field is read and written with ``lock`` held."""
 
-def check_agent_id(agent_id: object) -> str:
-    if not isinstance(agent_id, str) or not _AGENT_ID.match(agent_id):
-        raise InvalidInput(f"agent id must be a non-empty str of at most 128 characters, got {agent_id!r}")
-    return agent_id
-
-
-@dataclass(eq=False)
-class _Live:
-    """One live agent. Every field is read and written with ``lock`` held."""
-
-    agent_id: str
     cache: WindowCache
-    window: list[int]  # real tokens already run through pass 1 in this window (≤ L)
-    pending: list[int] = field(default_factory=list)  # taken in, not yet run (the last generated token)
-    sleep_count: int = 0
-    tokens_consolidated: int = 0
-    tokens_seen: int = 0
-    snapshot_id: str | None = None
-    epoch: int = 0  # bumped whenever the window is replaced (sleep commit, import, removal)
-    removed: bool = False
     committing: bool = False  # a requested sleep is persisting its result; the window may only grow meanwhile
-    lock: threading.Lock = field(default_factory=threading.Lock)
     cond: threading.Condition = field(init=False)
 
     def __post_init__(self) -> None:
         self.cond = threading.Condition(self.lock)
 
+    def start_state(self) -> FastWeights:
+        return self.cache.state
 
-@dataclass(eq=False)
-class _Stream:
-    """One request inside `generate_batch`."""
+    def take_window(self, other: _Live) -> None:
+        self.cache, self.window, self.pending = other.cache, other.window, other.pending
 
-    live: _Live
-    prompt: list[int]
-    sampling: SamplingParams
+
+@dataclass(eq=False, kw_only=True)
+class _Stream(Stream[_Live]):
+    """One request of `generate` / `generate_batch`; ``last``: the logits the next token is drawn from."""
+
     generator: torch.Generator | None
-    new: list[int] = field(default_factory=list)
-    step_logits: list[Tensor] = field(default_factory=list)
-    prompt_logits: list[Tensor] = field(default_factory=list)
     last: Tensor | None = None
-    sleeps: int = 0
-    done: bool = False
 
 
-class TorchEngine:
+class TorchEngine(EngineBase[_Live, _Stream]):
     """Many agents on one in-process `SleepHybrid`.
 
     Args:
@@ -132,8 +107,7 @@ class TorchEngine:
     ) -> None:
         if not isinstance(model, SleepHybrid):
             raise InvalidInput(f"TorchEngine needs a SleepHybrid, got {type(model).__name__}")
-        self.model = model.eval()
-        self._passes = self._check_passes(passes, model.config.passes)
+        super().__init__(model.eval(), passes)
         if tokenizer is None or isinstance(tokenizer, TextCodec):
             self.codec = tokenizer
         elif isinstance(tokenizer, tokenizers.Tokenizer):
@@ -146,8 +120,6 @@ class TorchEngine:
                 self.codec.vocab_size,
                 model.config.vocab_size,
             )
-        self._agents: dict[str, _Live] = {}
-        self._registry = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -167,22 +139,6 @@ class TorchEngine:
     # ------------------------------------------------------------------ facts
 
     @property
-    def fingerprint(self) -> str:
-        return self.model.fingerprint
-
-    @property
-    def window(self) -> int:
-        return self.model.config.window
-
-    @property
-    def passes(self) -> int:
-        return self._passes
-
-    @property
-    def vocab_size(self) -> int:
-        return self.model.config.vocab_size
-
-    @property
     def device(self) -> torch.device:
         return self.model.device
 
@@ -200,46 +156,6 @@ class TorchEngine:
         if self.codec is None:
             raise InvalidInput("this engine has no tokenizer: it cannot turn ids into text")
         return self.codec.decode(ids)
-
-    # ------------------------------------------------------------------ agents
-
-    def create_agent(self, agent_id: str) -> AgentSession:
-        """A new agent with zero fast weights and an empty window (S is zero once per agent, paper §3.1).
-
-        Raises:
-            InvalidInput: the id is taken (use `import_state` to replace an agent's memory).
-        """
-        check_agent_id(agent_id)
-        live = self._build(agent_id, AgentMemory(self.model.init_state(1)), snapshot_id=None)
-        with self._registry:
-            if agent_id in self._agents:
-                raise InvalidInput(f"agent {agent_id!r} already exists; use import_state to replace its memory")
-            self._agents[agent_id] = live
-        return self._session(live)
-
-    def has_agent(self, agent_id: str) -> bool:
-        return agent_id in self._agents
-
-    def agent_ids(self) -> list[str]:
-        with self._registry:
-            return sorted(self._agents)
-
-    def remove_agent(self, agent_id: str) -> None:
-        """Forget a live agent (its snapshots stay in any store). A sleep of it still computing is dropped."""
-        with self._registry:
-            live = self._agents.pop(agent_id, None)
-        if live is None:
-            raise UnknownAgent(f"no live agent {agent_id!r} in this engine")
-        with live.lock:
-            self._wait_commit(live)
-            live.removed = True
-            live.epoch += 1
-
-    def session(self, agent_id: str) -> AgentSession:
-        live = self._live(agent_id)
-        with live.lock:
-            self._check_alive(live)
-            return self._session(live)
 
     # ------------------------------------------------------------------ wake
 
@@ -313,7 +229,7 @@ class TorchEngine:
                 self._make_room(s, N, on_sleep)
                 s.last = self._extend(live, [s.new[-1]])[-1]
                 self._pick(s, return_logits)
-            return self._result(s, return_logits)
+            return s.result(return_logits)
 
     def generate_batch(
         self,
@@ -331,21 +247,8 @@ class TorchEngine:
         """
         if not requests:
             return []
-        ids_seen = [r.agent_id for r in requests]
-        if len(set(ids_seen)) != len(ids_seen):
-            raise InvalidInput("generate_batch: each agent may appear only once per batch")
-        N = self._check_passes(passes, self._passes)
-        streams = []
-        for r in requests:
-            sp = r.sampling
-            check_token_ids(list(sp.stop_tokens), self.vocab_size, what="stop_tokens", allow_empty=True)
-            prompt = check_token_ids(r.prompt, self.vocab_size, what=f"prompt of {r.agent_id!r}")
-            gen = r.generator if r.generator is not None else sp.make_generator()
-            streams.append(_Stream(live=self._live(r.agent_id), prompt=prompt, sampling=sp, generator=gen))
-        with contextlib.ExitStack() as locks, torch.no_grad():
-            for s in sorted(streams, key=lambda s: s.live.agent_id):  # one global order: no deadlock
-                locks.enter_context(s.live.lock)
-                self._check_alive(s.live)
+        N, streams = self._streams(requests, passes)
+        with self._locked(streams), torch.no_grad():
             for s in streams:
                 self._prefill(s, N, on_sleep, return_logits)
             while True:
@@ -360,7 +263,7 @@ class TorchEngine:
                     self._step_group(group)
                 for s in active:
                     self._pick(s, return_logits)
-            return [self._result(s, return_logits) for s in streams]
+            return [s.result(return_logits) for s in streams]
 
     # ------------------------------------------------------------------ sleep
 
@@ -379,8 +282,8 @@ class TorchEngine:
         live = self._live(agent_id)
         t0 = time.perf_counter()
         with live.lock, torch.no_grad():
-            self._check_alive(live)
             self._wait_commit(live)
+            self._check_alive(live)
             if live.pending and len(live.window) + len(live.pending) <= self.window:
                 self._extend(live, [])  # the waiting token joins this window before it is consolidated
             if not live.window:
@@ -394,17 +297,11 @@ class TorchEngine:
                 logger.info("sleep of agent %r superseded while it computed; result dropped", agent_id)
                 return SleepResult(agent_id, N, 0, "superseded", None, time.perf_counter() - t0)
             tail = live.window[n:] + live.pending
-            memory = AgentMemory(
-                state=new_state,
-                window=tuple(tail),
-                tokens_consolidated=live.tokens_consolidated + n,
-                sleep_count=live.sleep_count + 1,
-                tokens_seen=live.tokens_seen,
-            )
+            memory = self._after_sleep(live, new_state, n, tail)
             live.committing = True  # from here until the swap, the window may only grow
         try:
             with torch.no_grad():
-                cache, run, wait = self._open_window(new_state, tail)
+                nxt = self._open(agent_id, new_state, tail)
             sid = persist(SleepCommit(agent_id, memory, N, n, "sleep")) if persist is not None else None
         except BaseException:
             with live.lock:
@@ -416,162 +313,44 @@ class TorchEngine:
                 late = live.window[n:] + live.pending
                 if len(late) > len(tail):  # tokens taken in while persisting: bring the new window up to date
                     if len(late) <= self.window:
-                        self.model.extend(cache, self._ids(late[len(tail) :]))
-                        run, wait = late, []
+                        self.model.extend(nxt.cache, self._ids(late[len(tail) :]))
+                        nxt.window, nxt.pending = late, []
                     else:
-                        cache, run, wait = self._open_window(new_state, late)
-                live.cache, live.window, live.pending = cache, run, wait
-                live.epoch += 1
-                live.sleep_count += 1
-                live.tokens_consolidated += n
-                if sid is not None:
-                    live.snapshot_id = sid
+                        nxt = self._open(agent_id, new_state, late)
+                self._swap_in(live, nxt, n, sid)
             finally:
                 live.committing = False
                 live.cond.notify_all()
         return SleepResult(agent_id, N, n, None, sid, time.perf_counter() - t0, carried=len(late))
 
-    # ------------------------------------------------------------------ memory in and out
-
-    def export_state(self, agent_id: str) -> AgentMemory:
-        """The agent's memory now: the state its window started from (a copy) and the window's tokens."""
-        live = self._live(agent_id)
-        with live.lock:
-            self._check_alive(live)
-            return self._memory(live)
-
-    def checkpoint(self, agent_id: str, persist: PersistMemory) -> str | None:
-        """Call ``persist`` with the agent's current memory (agent locked, so nothing changes in between) and record
-        the snapshot id it returns as the agent's current one."""
-        live = self._live(agent_id)
-        with live.lock:
-            self._check_alive(live)
-            self._wait_commit(live)  # a sleep's snapshot is on its way: this one must come after it
-            sid = persist(self._memory(live))
-            if sid is not None:
-                live.snapshot_id = sid
-            return sid
-
-    def import_state(self, agent_id: str, memory: AgentMemory, *, snapshot_id: str | None = None) -> AgentSession:
-        """Make ``memory`` the agent's memory (creating the agent if needed): open a window on ``memory.state`` and
-        replay ``memory.window`` through pass 1. A sleep of the agent still computing is dropped.
-
-        Raises:
-            SnapshotMismatch: the state belongs to another model or does not fit it.
-            WindowOverflow: the window holds more than L tokens (+ one waiting token).
-            InvalidInput: bad agent id, not an `AgentMemory`, bad token ids.
-        """
-        check_agent_id(agent_id)
-        fresh = self._build(agent_id, memory, snapshot_id=snapshot_id)
-        while True:
-            live = self._agents.get(agent_id)
-            if live is None:
-                with self._registry:
-                    if agent_id not in self._agents:
-                        self._agents[agent_id] = fresh
-                        return self._session(fresh)
-                continue  # someone created it meanwhile: replace that one in place
-            with live.lock:
-                self._wait_commit(live)
-                if live.removed:
-                    continue  # removed meanwhile: insert ours
-                live.cache, live.window, live.pending = fresh.cache, fresh.window, fresh.pending
-                live.sleep_count, live.tokens_consolidated = fresh.sleep_count, fresh.tokens_consolidated
-                live.tokens_seen, live.snapshot_id = fresh.tokens_seen, fresh.snapshot_id
-                live.epoch += 1
-                return self._session(live)
-
-    def revive(self, agent_id: str, store: SnapshotStore, snapshot_id: str | None = None) -> AgentSession:
-        """Load the agent from ``store`` (its latest snapshot, or ``snapshot_id``) into this engine."""
-        from agentsleep.runtime.revive import revive
-
-        return revive(self, store, agent_id, snapshot_id)
-
     # ------------------------------------------------------------------ internals (agent lock held)
 
-    @staticmethod
-    def _check_passes(passes: int | None, default: int) -> int:
-        n = default if passes is None else passes
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InvalidInput(f"passes must be an int >= 1, got {passes!r}")
-        return n
-
-    def _live(self, agent_id: str) -> _Live:
-        live = self._agents.get(agent_id)
-        if live is None:
-            raise UnknownAgent(
-                f"no live agent {agent_id!r} in this engine; create_agent() it, or revive it from a snapshot store"
-            )
-        return live
-
-    @staticmethod
-    def _check_alive(live: _Live) -> None:
-        if live.removed:
-            raise UnknownAgent(f"agent {live.agent_id!r} was removed from this engine")
-
-    @staticmethod
-    def _wait_commit(live: _Live) -> None:
-        """Wait (lock released meanwhile) until no requested sleep is persisting for this agent."""
+    def _wait_commit(self, live: _Live) -> None:
+        """Wait (lock released meanwhile) until no requested sleep is persisting for this agent (`sleep` persists
+        outside the lock). The agent may have been removed meanwhile: callers check what they need."""
         while live.committing:
             live.cond.wait()
-        TorchEngine._check_alive(live)
 
     def _ids(self, ids: list[int]) -> Tensor:
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
-    def _open_window(self, state: FastWeights, tail: list[int]) -> tuple[WindowCache, list[int], list[int]]:
-        """A window opened on ``state`` with ``tail`` replayed: (cache, tokens run, token left waiting past L)."""
+    def _open(self, agent_id: str, state: FastWeights, tail: list[int]) -> _Live:
+        """A window opened on ``state`` with ``tail`` replayed through pass 1 (a token past L is left waiting)."""
         cache = self.model.start_window(state)
         run, wait = tail[: self.window], tail[self.window :]
         if run:
             self.model.extend(cache, self._ids(run))
-        return cache, run, wait
+        return _Live(agent_id=agent_id, cache=cache, window=run, pending=wait)
 
-    @staticmethod
-    def _session(live: _Live) -> AgentSession:
-        return AgentSession(
-            agent_id=live.agent_id,
-            window=tuple(live.window + live.pending),
-            sleep_count=live.sleep_count,
-            snapshot_id=live.snapshot_id,
-            tokens_consolidated=live.tokens_consolidated,
-            tokens_seen=live.tokens_seen,
-        )
-
-    @staticmethod
-    def _memory(live: _Live) -> AgentMemory:
-        return AgentMemory(
-            state=live.cache.state.clone(),
-            window=tuple(live.window + live.pending),
-            tokens_consolidated=live.tokens_consolidated,
-            sleep_count=live.sleep_count,
-            tokens_seen=live.tokens_seen,
-        )
-
-    def _build(self, agent_id: str, memory: AgentMemory, snapshot_id: str | None) -> _Live:
-        """A live agent from a memory: open a window on its state and replay its tokens (one prefill)."""
-        if not isinstance(memory, AgentMemory):
-            raise InvalidInput(f"memory must be an AgentMemory, got {type(memory).__name__}")
-        self.model.check_state(memory.state, batch=1)
-        window = check_token_ids(memory.window, self.vocab_size, what="memory.window", allow_empty=True)
-        L = self.window
-        if len(window) > L + 1:
-            raise WindowOverflow(
-                f"memory.window holds {len(window)} tokens but a window holds L={L} (+1 waiting): it is not a "
-                "memory of this model's windows"
-            )
+    def _restore(self, agent_id: str, state: FastWeights, tail: list[int]) -> _Live:
+        """`_open` on a state from outside, moved to the model's device (one prefill of ``tail``)."""
         with torch.no_grad():
-            cache, run, wait = self._open_window(memory.state.to(self.device), window)
-        return _Live(
-            agent_id=agent_id,
-            cache=cache,
-            window=run,
-            pending=wait,
-            sleep_count=memory.sleep_count,
-            tokens_consolidated=memory.tokens_consolidated,
-            tokens_seen=max(memory.tokens_seen, memory.tokens_consolidated + len(window)),
-            snapshot_id=snapshot_id,
-        )
+            return self._open(agent_id, state.to(self.device), tail)
+
+    def _stream(self, request: GenerateRequest, prompt: list[int]) -> _Stream:
+        sp = request.sampling
+        gen = request.generator if request.generator is not None else sp.make_generator()
+        return _Stream(live=self._live(request.agent_id), prompt=prompt, sampling=sp, generator=gen)
 
     def _extend(self, live: _Live, ids: list[int]) -> Tensor:
         """Run the waiting token(s) and ``ids`` through pass 1; return the logits of ``ids`` ([len(ids), V]).
@@ -622,11 +401,12 @@ class TorchEngine:
         """
         if live.committing:
             self._wait_commit(live)
+            self._check_alive(live)
             return 0
         n = len(live.window)
         try:
             new_state = self.model.sleep_window(live.cache, passes)
-            self._commit(live, new_state, n, list(live.pending), passes, "window_full", on_sleep, True)
+            self._commit(live, new_state, n, list(live.pending), passes, "window_full", on_sleep, tolerate=True)
         except Exception as e:
             raise SleepFailed(
                 f"agent {live.agent_id!r}: the window is full and its sleep failed ({type(e).__name__}: {e}); "
@@ -634,53 +414,6 @@ class TorchEngine:
             ) from e
         logger.debug("agent %r slept on a full window (%d tokens, N=%d)", live.agent_id, n, passes)
         return 1
-
-    def _commit(
-        self,
-        live: _Live,
-        new_state: FastWeights,
-        n: int,
-        tail: list[int],
-        passes: int,
-        trigger: SleepTrigger,
-        persist: PersistSleep | None,
-        tolerate_persist_failure: bool,
-    ) -> str | None:
-        """Open the next window on ``new_state`` with ``tail`` replayed, persist, then swap (plain assignments)."""
-        cache, run, wait = self._open_window(new_state, tail)
-        sid = None
-        if persist is not None:
-            commit = SleepCommit(
-                agent_id=live.agent_id,
-                memory=AgentMemory(
-                    state=new_state,
-                    window=tuple(tail),
-                    tokens_consolidated=live.tokens_consolidated + n,
-                    sleep_count=live.sleep_count + 1,
-                    tokens_seen=live.tokens_seen,
-                ),
-                passes=passes,
-                tokens=n,
-                trigger=trigger,
-            )
-            try:
-                sid = persist(commit)
-            except Exception:
-                if not tolerate_persist_failure:
-                    raise
-                logger.warning(
-                    "agent %r: persisting its window-full sleep failed; the sleep stands, the store lags until the "
-                    "next snapshot",
-                    live.agent_id,
-                    exc_info=True,
-                )
-        live.cache, live.window, live.pending = cache, run, wait
-        live.epoch += 1
-        live.sleep_count += 1
-        live.tokens_consolidated += n
-        if sid is not None:
-            live.snapshot_id = sid
-        return sid
 
     # -------------------------------------------------------- generation steps (agent lock held)
 
@@ -724,19 +457,6 @@ class TorchEngine:
             s.live.window.append(s.new[-1])
             s.live.tokens_seen += 1
             s.last = logits[i]
-
-    def _result(self, s: _Stream, keep: bool) -> Generation:
-        stop = bool(s.new) and s.new[-1] in s.sampling.stop_tokens
-        return Generation(
-            agent_id=s.live.agent_id,
-            tokens=tuple(s.new),
-            stop_reason="stop" if stop else "length",
-            prompt_tokens=len(s.prompt),
-            sleeps=s.sleeps,
-            window_tokens=len(s.live.window) + len(s.live.pending),
-            logits=torch.stack(s.step_logits).cpu() if keep and s.step_logits else None,
-            prompt_logits=torch.cat(s.prompt_logits).cpu() if keep else None,
-        )
 
 
 __all__ = ["TorchEngine", "check_agent_id"]

@@ -4,7 +4,8 @@ vLLM keeps nothing between calls. Each agent's memory is held here exactly as `T
 window started from, the window's tokens, and at most one generated token waiting for the next window), and every
 model call is one vLLM request ``[BOS] + window``: the connector restores S (`agentsleep.serving.connector`) and vLLM
 re-runs the window in one prefill, then decodes. A request never crosses a window: when the window is full the agent
-sleeps and the next request opens the next window (the same rule as `TorchEngine`, paper.md §5).
+sleeps and the next request opens the next window (the same rule as `TorchEngine`, paper.md §5). The agents' books
+are `agentsleep.runtime.base.EngineBase`, shared with `TorchEngine`; unlike it, `sleep` persists with the agent locked.
 
 S reaches the connector through a private, engine-owned `SnapshotStore` (a temporary SQLite file by default; the
 "state transport"), written only when S changes (create, import, sleep). It is not the product's store: snapshots
@@ -30,32 +31,26 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from agentsleep.errors import ConfigError, EngineError, InvalidInput, SleepFailed, UnknownAgent, WindowOverflow
-from agentsleep.model.hybrid import SleepHybrid
+from agentsleep.errors import ConfigError, EngineError, InvalidInput, SleepFailed
 from agentsleep.model.state import FastWeights
+from agentsleep.runtime.base import EngineBase, LiveAgent, Stream
 from agentsleep.runtime.engine import (
-    AgentMemory,
-    AgentSession,
     GenerateRequest,
     Generation,
     ObserveResult,
-    PersistMemory,
     PersistSleep,
     SamplingParams,
-    SleepCommit,
     SleepResult,
-    SleepTrigger,
     TokenIds,
     check_token_ids,
 )
 from agentsleep.runtime.text import TOKENIZER_FILE, TextCodec
-from agentsleep.runtime.torch_engine import check_agent_id
 from agentsleep.serving.reference import reference_model
 from agentsleep.serving.settings import DEFAULT_KV_CACHE_BYTES, apply_env_defaults, kv_transfer_config, require_vllm
 from agentsleep.store import SnapshotStore
@@ -66,39 +61,31 @@ SleepBackend = Literal["torch", "vllm"]
 _STATE_KEEP = 2  # transport snapshots kept per agent (the newest is all a request needs; one spare for safety)
 
 
-@dataclass(eq=False)
-class _Agent:
-    """One live agent. Fields are read and written with ``lock`` held."""
+@dataclass(eq=False, kw_only=True)
+class _Agent(LiveAgent):
+    """One live agent: the state its window started from and the window's tokens (run by the next request; the
+    pending token is the last generated one, not yet fed). Fields are read and written with ``lock`` held."""
 
-    agent_id: str
     state: FastWeights  # the state the current window started from
     state_id: str | None  # its transport snapshot (None while S is zero: nothing to restore)
-    window: list[int] = field(default_factory=list)  # tokens of the current window (≤ L)
-    pending: list[int] = field(default_factory=list)  # the last generated token, not yet fed
-    sleep_count: int = 0
-    tokens_consolidated: int = 0
-    tokens_seen: int = 0
-    snapshot_id: str | None = None
-    epoch: int = 0
-    removed: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start_state(self) -> FastWeights:
+        return self.state
+
+    def take_window(self, other: _Agent) -> None:
+        self.state, self.state_id = other.state, other.state_id
+        self.window, self.pending = other.window, other.pending
 
 
-@dataclass(eq=False)
-class _Stream:
-    """One request of `generate_batch`."""
+@dataclass(eq=False, kw_only=True)
+class _Stream(Stream[_Agent]):
+    """One request of `generate_batch`. ``prompt_logits`` stays None: vLLM skips external cache hits when prompt
+    logprobs are asked for (see the module docstring)."""
 
-    agent: _Agent
-    prompt: list[int]
-    sampling: SamplingParams
     seed: int | None
-    new: list[int] = field(default_factory=list)
-    step_logits: list[torch.Tensor] = field(default_factory=list)
-    sleeps: int = 0
-    done: bool = False
 
 
-class VLLMEngine:
+class VLLMEngine(EngineBase[_Agent, _Stream]):
     """Many agents on one in-process vLLM engine serving a `SleepHybrid` checkpoint.
 
     Args:
@@ -139,15 +126,15 @@ class VLLMEngine:
         if sleep_backend not in ("torch", "vllm"):
             raise InvalidInput(f"sleep_backend must be 'torch' or 'vllm', got {sleep_backend!r}")
         self.path = Path(checkpoint).resolve()
-        self.model: SleepHybrid = reference_model(self.path)  # sleeps, state checks, config
-        cfg = self.model.config
+        model = reference_model(self.path)  # sleeps, state checks, config
+        cfg = model.config
         if cfg.bos_token_id is None:
             raise ConfigError("VLLMEngine needs a checkpoint with bos_token_id: every window opens with the BOS")
         if cfg.eviction != "hard":
             raise ConfigError(
                 f"VLLMEngine serves hard eviction only (this checkpoint: {cfg.eviction!r}); use TorchEngine"
             )
-        self._passes = self._check_passes(passes, cfg.passes)
+        super().__init__(model, passes)
         self.sleep_backend: SleepBackend = sleep_backend
         tok = self.path / TOKENIZER_FILE
         self.codec = TextCodec.from_file(tok) if tok.is_file() else None
@@ -179,8 +166,6 @@ class VLLMEngine:
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
         logger.info("vLLM engine for %s ready in %.1f s", self.path, time.perf_counter() - t0)
-        self._agents: dict[str, _Agent] = {}
-        self._registry = threading.Lock()
         self._vllm = threading.Lock()  # vllm.LLM is not thread-safe
 
     def __repr__(self) -> str:
@@ -203,22 +188,6 @@ class VLLMEngine:
     # ------------------------------------------------------------------ facts
 
     @property
-    def fingerprint(self) -> str:
-        return self.model.fingerprint
-
-    @property
-    def window(self) -> int:
-        return self.model.config.window
-
-    @property
-    def passes(self) -> int:
-        return self._passes
-
-    @property
-    def vocab_size(self) -> int:
-        return self.model.config.vocab_size
-
-    @property
     def states(self) -> SnapshotStore:
         """The private state-transport store the connector restores S from (see the module docstring)."""
         return self._states
@@ -238,40 +207,6 @@ class VLLMEngine:
         if self.codec is None:
             raise InvalidInput("this checkpoint has no tokenizer.json: it cannot turn ids into text")
         return self.codec.decode(ids)
-
-    # ------------------------------------------------------------------ agents
-
-    def create_agent(self, agent_id: str) -> AgentSession:
-        """A new agent: S = 0, empty window. Raises `InvalidInput` if the id is taken."""
-        check_agent_id(agent_id)
-        agent = _Agent(agent_id=agent_id, state=self.model.init_state(1), state_id=None)
-        with self._registry:
-            if agent_id in self._agents:
-                raise InvalidInput(f"agent {agent_id!r} already exists; use import_state to replace its memory")
-            self._agents[agent_id] = agent
-        return self._session(agent)
-
-    def has_agent(self, agent_id: str) -> bool:
-        return agent_id in self._agents
-
-    def agent_ids(self) -> list[str]:
-        with self._registry:
-            return sorted(self._agents)
-
-    def remove_agent(self, agent_id: str) -> None:
-        with self._registry:
-            agent = self._agents.pop(agent_id, None)
-        if agent is None:
-            raise UnknownAgent(f"no live agent {agent_id!r} in this engine")
-        with agent.lock:
-            agent.removed = True
-            agent.epoch += 1
-
-    def session(self, agent_id: str) -> AgentSession:
-        agent = self._agent(agent_id)
-        with agent.lock:
-            self._check_alive(agent)
-            return self._session(agent)
 
     # ------------------------------------------------------------------ wake
 
@@ -293,7 +228,7 @@ class VLLMEngine:
             raise InvalidInput("VLLMEngine.observe cannot return logits; use generate(..., return_logits=True)")
         ids = check_token_ids(tokens, self.vocab_size)
         N = self._check_passes(passes, self._passes)
-        agent = self._agent(agent_id)
+        agent = self._live(agent_id)
         with agent.lock:
             self._check_alive(agent)
             sleeps = self._feed(agent, ids, N, on_sleep)
@@ -326,31 +261,16 @@ class VLLMEngine:
         which batches them (continuous batching). Each agent appears at most once."""
         if not requests:
             return []
-        ids_seen = [r.agent_id for r in requests]
-        if len(set(ids_seen)) != len(ids_seen):
-            raise InvalidInput("generate_batch: each agent may appear only once per batch")
-        N = self._check_passes(passes, self._passes)
-        streams = []
-        for r in requests:
-            sp = r.sampling
-            check_token_ids(list(sp.stop_tokens), self.vocab_size, what="stop_tokens", allow_empty=True)
-            prompt = check_token_ids(r.prompt, self.vocab_size, what=f"prompt of {r.agent_id!r}")
-            seed = sp.seed
-            if r.generator is not None:  # vLLM samples with its own generator: derive its seed from the caller's
-                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=r.generator))
-            streams.append(_Stream(agent=self._agent(r.agent_id), prompt=prompt, sampling=sp, seed=seed))
-        with contextlib.ExitStack() as locks:
-            for s in sorted(streams, key=lambda s: s.agent.agent_id):  # one global order: no deadlock
-                locks.enter_context(s.agent.lock)
-                self._check_alive(s.agent)
+        N, streams = self._streams(requests, passes)
+        with self._locked(streams):
             for s in streams:
-                s.sleeps = self._feed(s.agent, s.prompt, N, on_sleep)
+                s.sleeps = self._feed(s.live, s.prompt, N, on_sleep)
                 s.done = s.sampling.max_new_tokens == 0
             while active := [s for s in streams if not s.done]:
                 for s in active:
                     self._make_room(s, N, on_sleep)
                 self._round(active, return_logits=return_logits)
-            return [self._result(s, return_logits) for s in streams]
+            return [s.result(return_logits) for s in streams]
 
     # ------------------------------------------------------------------ sleep
 
@@ -358,7 +278,7 @@ class VLLMEngine:
         """Consolidate the window into S with N passes and clear it (as `TorchEngine.sleep`: computed without
         holding the agent, committed atomically after ``persist``; on any failure the agent is unchanged)."""
         N = self._check_passes(passes, self._passes)
-        agent = self._agent(agent_id)
+        agent = self._live(agent_id)
         t0 = time.perf_counter()
         with agent.lock:
             self._check_alive(agent)
@@ -388,111 +308,23 @@ class VLLMEngine:
             engine.step()
         raise EngineError("vLLM did not finish its pending state copies within 1000 steps")
 
-    # ------------------------------------------------------------------ memory in and out
-
-    def export_state(self, agent_id: str) -> AgentMemory:
-        agent = self._agent(agent_id)
-        with agent.lock:
-            self._check_alive(agent)
-            return self._memory(agent)
-
-    def checkpoint(self, agent_id: str, persist: PersistMemory) -> str | None:
-        agent = self._agent(agent_id)
-        with agent.lock:
-            self._check_alive(agent)
-            sid = persist(self._memory(agent))
-            if sid is not None:
-                agent.snapshot_id = sid
-            return sid
-
-    def import_state(self, agent_id: str, memory: AgentMemory, *, snapshot_id: str | None = None) -> AgentSession:
-        """Make ``memory`` the agent's memory (creating the agent if needed)."""
-        check_agent_id(agent_id)
-        if not isinstance(memory, AgentMemory):
-            raise InvalidInput(f"memory must be an AgentMemory, got {type(memory).__name__}")
-        self.model.check_state(memory.state, batch=1)
-        window = check_token_ids(memory.window, self.vocab_size, what="memory.window", allow_empty=True)
-        L = self.window
-        if len(window) > L + 1:
-            raise WindowOverflow(f"memory.window holds {len(window)} tokens but a window holds L={L} (+1 waiting)")
-        state = memory.state.clone().to("cpu")
-        fresh = _Agent(
-            agent_id=agent_id,
-            state=state,
-            state_id=self._store_state(agent_id, state),
-            window=window[:L],
-            pending=window[L:],
-            sleep_count=memory.sleep_count,
-            tokens_consolidated=memory.tokens_consolidated,
-            tokens_seen=max(memory.tokens_seen, memory.tokens_consolidated + len(window)),
-            snapshot_id=snapshot_id,
-        )
-        while True:
-            agent = self._agents.get(agent_id)
-            if agent is None:
-                with self._registry:
-                    if agent_id not in self._agents:
-                        self._agents[agent_id] = fresh
-                        return self._session(fresh)
-                continue
-            with agent.lock:
-                if agent.removed:
-                    continue
-                agent.state, agent.state_id = fresh.state, fresh.state_id
-                agent.window, agent.pending = fresh.window, fresh.pending
-                agent.sleep_count, agent.tokens_consolidated = fresh.sleep_count, fresh.tokens_consolidated
-                agent.tokens_seen, agent.snapshot_id = fresh.tokens_seen, fresh.snapshot_id
-                agent.epoch += 1
-                return self._session(agent)
-
-    def revive(self, agent_id: str, store: SnapshotStore, snapshot_id: str | None = None) -> AgentSession:
-        """Load the agent from ``store`` (its latest snapshot, or ``snapshot_id``)."""
-        from agentsleep.runtime.revive import revive
-
-        return revive(self, store, agent_id, snapshot_id)
-
     # ------------------------------------------------------------------ internals
 
-    @staticmethod
-    def _check_passes(passes: int | None, default: int) -> int:
-        n = default if passes is None else passes
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InvalidInput(f"passes must be an int >= 1, got {passes!r}")
-        return n
+    def _open(self, agent_id: str, state: FastWeights, tail: list[int]) -> _Agent:
+        """A window on ``state`` holding ``tail`` (run by the next request); S goes to the transport store."""
+        L, state_id = self.window, self._store_state(agent_id, state)
+        return _Agent(agent_id=agent_id, state=state, state_id=state_id, window=tail[:L], pending=tail[L:])
 
-    def _agent(self, agent_id: str) -> _Agent:
-        agent = self._agents.get(agent_id)
-        if agent is None:
-            raise UnknownAgent(
-                f"no live agent {agent_id!r} in this engine; create_agent() it, or revive it from a snapshot store"
-            )
-        return agent
+    def _restore(self, agent_id: str, state: FastWeights, tail: list[int]) -> _Agent:
+        """`_open` on a copy of a state from outside, on the CPU."""
+        return self._open(agent_id, state.clone().to("cpu"), tail)
 
-    @staticmethod
-    def _check_alive(agent: _Agent) -> None:
-        if agent.removed:
-            raise UnknownAgent(f"agent {agent.agent_id!r} was removed from this engine")
-
-    @staticmethod
-    def _session(agent: _Agent) -> AgentSession:
-        return AgentSession(
-            agent_id=agent.agent_id,
-            window=tuple(agent.window + agent.pending),
-            sleep_count=agent.sleep_count,
-            snapshot_id=agent.snapshot_id,
-            tokens_consolidated=agent.tokens_consolidated,
-            tokens_seen=agent.tokens_seen,
-        )
-
-    @staticmethod
-    def _memory(agent: _Agent) -> AgentMemory:
-        return AgentMemory(
-            state=agent.state.clone(),
-            window=tuple(agent.window + agent.pending),
-            tokens_consolidated=agent.tokens_consolidated,
-            sleep_count=agent.sleep_count,
-            tokens_seen=agent.tokens_seen,
-        )
+    def _stream(self, request: GenerateRequest, prompt: list[int]) -> _Stream:
+        sp = request.sampling
+        seed = sp.seed
+        if request.generator is not None:  # vLLM samples with its own generator: derive its seed from the caller's
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=request.generator))
+        return _Stream(live=self._live(request.agent_id), prompt=prompt, sampling=sp, seed=seed)
 
     def _store_state(self, agent_id: str, state: FastWeights) -> str | None:
         """Put S where the connector can restore it; None for S = 0 (a request then simply starts from zero)."""
@@ -527,7 +359,7 @@ class VLLMEngine:
     def _make_room(self, s: _Stream, passes: int, on_sleep: PersistSleep | None) -> None:
         """Before a decode round: a full window sleeps first, and the token sampled from its last slot (``s.new[-1]``,
         never fed yet) opens the new window."""
-        agent = s.agent
+        agent = s.live
         if s.new and len(agent.window) >= self.window:
             self._forced_sleep(agent, passes, on_sleep)
             s.sleeps += 1
@@ -571,52 +403,6 @@ class VLLMEngine:
             raise EngineError(f"vLLM did not save the sleep state of agent {agent_id!r}")
         return loaded.state
 
-    def _commit(
-        self,
-        agent: _Agent,
-        new_state: FastWeights,
-        n: int,
-        tail: list[int],
-        passes: int,
-        trigger: SleepTrigger,
-        persist: PersistSleep | None,
-        *,
-        tolerate: bool,
-    ) -> str | None:
-        """Persist, then swap in the new window (``tail`` carried into it); failures leave the agent unchanged."""
-        L = self.window
-        state_id = self._store_state(agent.agent_id, new_state)
-        sid = None
-        if persist is not None:
-            commit = SleepCommit(
-                agent_id=agent.agent_id,
-                memory=AgentMemory(
-                    state=new_state,
-                    window=tuple(tail),
-                    tokens_consolidated=agent.tokens_consolidated + n,
-                    sleep_count=agent.sleep_count + 1,
-                    tokens_seen=agent.tokens_seen,
-                ),
-                passes=passes,
-                tokens=n,
-                trigger=trigger,
-            )
-            try:
-                sid = persist(commit)
-            except Exception:
-                if not tolerate:
-                    raise
-                logger.warning("agent %r: persisting its window-full sleep failed; the sleep stands",
-                               agent.agent_id, exc_info=True)  # fmt: skip
-        agent.state, agent.state_id = new_state, state_id
-        agent.window, agent.pending = tail[:L], tail[L:]
-        agent.epoch += 1
-        agent.sleep_count += 1
-        agent.tokens_consolidated += n
-        if sid is not None:
-            agent.snapshot_id = sid
-        return sid
-
     def _round(self, streams: list[_Stream], *, return_logits: bool) -> None:
         """One vLLM request per stream: ``[BOS] + window``, decoding until the window is full or the stream ends."""
         from vllm import SamplingParams as VSampling
@@ -624,7 +410,7 @@ class VLLMEngine:
         L, V = self.window, self.vocab_size
         inputs, params = [], []
         for s in streams:
-            agent, sp = s.agent, s.sampling
+            agent, sp = s.live, s.sampling
             # g tokens: the first g-1 are fed into this window, the g-th waits (or opens the next window)
             room = L - len(agent.window) + 1
             kv = {"agent_id": agent.agent_id, "snapshot_id": agent.state_id, "restore": agent.state_id is not None,
@@ -646,20 +432,20 @@ class VLLMEngine:
         with self._vllm:
             outs = self.llm.generate(inputs, params, use_tqdm=False)
         for s, out in zip(streams, outs):
-            self._check_output(out, s.agent.agent_id)
+            self._check_output(out, s.live.agent_id)
             comp = out.outputs[0]
             toks = [int(t) for t in comp.token_ids]
             if not toks:
-                raise EngineError(f"vLLM returned no token for agent {s.agent.agent_id!r}")
+                raise EngineError(f"vLLM returned no token for agent {s.live.agent_id!r}")
             if return_logits:
                 s.step_logits += [_dense(lp, V) for lp in comp.logprobs or []]
             s.new += toks
-            s.agent.window += toks[:-1]
-            s.agent.tokens_seen += len(toks) - 1
+            s.live.window += toks[:-1]
+            s.live.tokens_seen += len(toks) - 1
             stop = toks[-1] in s.sampling.stop_tokens
             if stop or len(s.new) >= s.sampling.max_new_tokens:
-                s.agent.pending.append(toks[-1])
-                s.agent.tokens_seen += 1
+                s.live.pending.append(toks[-1])
+                s.live.tokens_seen += 1
                 s.done = True
 
     @staticmethod
@@ -667,19 +453,6 @@ class VLLMEngine:
         kv = out.kv_transfer_params or {}
         if kv.get("error"):
             raise EngineError(f"vLLM could not serve agent {agent_id!r}: {kv['error']}")
-
-    def _result(self, s: _Stream, keep: bool) -> Generation:
-        stop = bool(s.new) and s.new[-1] in s.sampling.stop_tokens
-        return Generation(
-            agent_id=s.agent.agent_id,
-            tokens=tuple(s.new),
-            stop_reason="stop" if stop else "length",
-            prompt_tokens=len(s.prompt),
-            sleeps=s.sleeps,
-            window_tokens=len(s.agent.window) + len(s.agent.pending),
-            logits=torch.stack(s.step_logits) if keep and s.step_logits else None,
-            prompt_logits=None,  # vLLM skips external cache hits when prompt logprobs are asked for (see module doc)
-        )
 
 
 def _dense(logprobs: Any, vocab: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from agentsleep.memory.host import AgentHost
 from agentsleep.model.hybrid import HybridConfig, SleepHybrid
 from agentsleep.runtime import TorchEngine
 from agentsleep.store import SnapshotStore
+from tests.runtime.helpers import blocking_sleep
 
 L, N, VOCAB = 16, 2, 32
 
@@ -45,15 +46,7 @@ def sleeps_in(store: SnapshotStore, agent: str = "a") -> list:
 
 def test_sleep_runs_in_the_background_and_the_turn_does_not_wait(store, monkeypatch):
     engine = make_engine()
-    started, release = threading.Event(), threading.Event()
-    real = engine.model.sleep_window
-
-    def slow(cache, passes=None):
-        started.set()
-        assert release.wait(10)
-        return real(cache, passes)
-
-    monkeypatch.setattr(engine.model, "sleep_window", slow)
+    started, release = blocking_sleep(engine, monkeypatch)
     with AgentHost(engine, store, policy()) as host:
         host.create("a")
         first = host.turn("a", ids(1, 10), max_new_tokens=3)  # 13 ≥ 12 tokens: past the soft threshold

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
+import pytest
 import torch
 
 from agentsleep.memory import SleepPolicy
 from agentsleep.model.hybrid import HybridConfig, SleepHybrid
+from agentsleep.runtime import TorchEngine
 
 VOCAB = 40
 BOS = 1
@@ -56,3 +60,18 @@ def revival_policy(window: int, passes: int) -> SleepPolicy:
     """The policy of the revival conversation: with turns of ≤ 7 + 3 tokens and L = 32 a window never fills inside
     a turn, so every snapshot marks the end of a turn."""
     return SleepPolicy(window=window, passes=passes, soft_threshold=0.5, debounce_seconds=0.0)
+
+
+def blocking_sleep(engine: TorchEngine, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Make the model's sleep computation wait for a signal, so a test can act while a sleep is in flight: returns
+    (``started``, set once a sleep computes; ``release``, set it to let the sleep finish)."""
+    started, release = threading.Event(), threading.Event()
+    real = engine.model.sleep_window
+
+    def slow(cache, passes=None):
+        started.set()
+        assert release.wait(10)
+        return real(cache, passes)
+
+    monkeypatch.setattr(engine.model, "sleep_window", slow)
+    return started, release

@@ -18,7 +18,7 @@ from agentsleep.runtime import (
 )
 from agentsleep.runtime.sampling import filter_logits, sample_next
 
-from .helpers import VOCAB, make_model, turn_tokens
+from .helpers import VOCAB, blocking_sleep, make_model, turn_tokens
 
 L, N = 16, 3
 
@@ -218,26 +218,12 @@ def test_persist_sees_the_new_memory_before_the_swap(engine):
     assert c.memory.state.digest() == engine.export_state("a").state.digest()
 
 
-def _blocking_sleep(engine: TorchEngine, monkeypatch) -> tuple[threading.Event, threading.Event]:
-    """Make the model's sleep computation wait for a signal, so a test can act while a sleep is in flight."""
-    started, release = threading.Event(), threading.Event()
-    real = engine.model.sleep_window
-
-    def slow(cache, passes=None):
-        started.set()
-        assert release.wait(10)
-        return real(cache, passes)
-
-    monkeypatch.setattr(engine.model, "sleep_window", slow)
-    return started, release
-
-
 def test_turns_go_on_while_a_sleep_computes_and_are_carried_into_the_new_window(engine, monkeypatch):
     engine.create_agent("a")
     first = turn_tokens(11, 8)
     engine.observe("a", first)
     snap = engine.export_state("a")
-    started, release = _blocking_sleep(engine, monkeypatch)
+    started, release = blocking_sleep(engine, monkeypatch)
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("r", engine.sleep("a")))
     t.start()
@@ -257,7 +243,7 @@ def test_turns_go_on_while_a_sleep_computes_and_are_carried_into_the_new_window(
 def test_a_sleep_overtaken_by_an_import_is_dropped(engine, monkeypatch):
     engine.create_agent("a")
     engine.observe("a", turn_tokens(13, 5))
-    started, release = _blocking_sleep(engine, monkeypatch)
+    started, release = blocking_sleep(engine, monkeypatch)
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("r", engine.sleep("a")))
     t.start()

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agentsleep.errors import CheckpointError, ConfigError, InvalidInput
+from agentsleep.runtime.text import TOKENIZER_FILE, TextCodec  # noqa: F401  (TOKENIZER_FILE: kept as this module's name)
 from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, convert_to_messages
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
     import tokenizers
 
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
 CONFIG_SECTION = "agentsleep"
 CONFIG_KEY = "chat_template"
 METADATA_KEY = "agentsleep"  # key of AIMessage.response_metadata where ChatSleepHybrid records the reply's token ids
@@ -134,22 +134,12 @@ class ChatTemplate(BaseModel):
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> tokenizers.Tokenizer:
-    """A ``tokenizer.json`` (or the one inside a checkpoint directory).
+    """A ``tokenizer.json`` (or the one inside a checkpoint directory), loaded as the engines load it.
 
     Raises:
         InvalidInput: no such file, or it cannot be parsed.
     """
-    import tokenizers
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / TOKENIZER_FILE
-    if not p.is_file():
-        raise InvalidInput(f"no tokenizer at {p}; pass a tokenizer.json or a checkpoint directory holding one")
-    try:
-        return tokenizers.Tokenizer.from_file(str(p))
-    except Exception as e:  # tokenizers raises a bare Exception for malformed files
-        raise InvalidInput(f"cannot load tokenizer {p}: {e}") from e
+    return TextCodec.from_file(path).tokenizer
 
 
 def content_digest(text: str) -> str:
