@@ -11,6 +11,7 @@ import click
 # optional dependency (e.g. vLLM) only breaks the command that needs it.
 _COMMANDS: dict[str, str] = {
     "snapshots": "agentsleep.store.cli:snapshots",
+    "serve": "agentsleep.serving.cli:serve",
 }
 
 
