@@ -120,6 +120,9 @@ PRESETS: dict[str, DepoConfig] = {
     "paper": DepoConfig(),
     # spec §2.5 CPU toy: 4 queries of <= 6 tokens fill one window of 25; same 120-id table as paper scale.
     "toy": DepoConfig(n_max=25, K=8, M=4, block=100, qa_block=25, L=25),
+    # 2-core CPU scale that learns within minutes (evals/results/depo_micro*.md): 8 one-token names from 12, the
+    # cycle fills one window and the 4 queries the next, so every query is asked after its cycle was evicted.
+    "micro": DepoConfig(n_max=8, K=4, M=4, mini_vocab=12, min_len=1, max_len=1, block=16, qa_block=16, L=16),
 }
 
 
@@ -227,6 +230,8 @@ def generate(split: Split, n: int, seed: int, config: DepoConfig | None = None, 
     n_q = np.minimum(size, M)  # [B]
     q_valid = np.arange(M)[None, :] < n_q[:, None]  # [B, M]
     starts = _rank_keys(rng, node_valid)[:, :M]  # [B, M] distinct cycle slots
+    if starts.shape[1] < M:  # n_max < M: the missing queries are masked out by q_valid
+        starts = np.pad(starts, ((0, 0), (0, M - starts.shape[1])))
     if train:
         ks = rng.integers(1, cfg.hops + 1, size=(B, M))
     else:

@@ -71,7 +71,7 @@ def solve(row: np.ndarray, mask: np.ndarray, cfg: DepoConfig) -> dict:
     return {"n": n, "k": ks, "cycle_tokens": len(cycle) - first}
 
 
-@pytest.mark.parametrize("preset", ["paper", "toy"])
+@pytest.mark.parametrize("preset", ["paper", "toy", "micro"])
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_examples_solve(preset: str, split: str) -> None:
     cfg = depo.PRESETS[preset]
@@ -83,6 +83,16 @@ def test_examples_solve(preset: str, split: str) -> None:
         assert got["n"] == meta["n"] and got["k"] == meta["k"] and got["cycle_tokens"] == meta["cycle_tokens"]
         if split == "test":
             assert got["n"] == cfg.n_max and set(got["k"]) <= set(cfg.eval_k())
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_fewer_nodes_than_queries(split: str) -> None:
+    """n_max < M (a small decoy or hidden cycle of an episode): min(n, M) queries, each still correct."""
+    cfg = depo.PRESETS["micro"].with_overrides(n_max=3)
+    batch = depo.generate(split, 50, 2, cfg)
+    for row, mask, meta in zip(batch.tokens, batch.loss_mask, batch.meta):
+        got = solve(row, mask, cfg)
+        assert len(got["k"]) == min(got["n"], cfg.n_queries) == len(meta["k"])
 
 
 def test_paper_vocabulary_table() -> None:
