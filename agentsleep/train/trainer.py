@@ -1,0 +1,473 @@
+"""Algorithm 1 training, end to end: a config, a few pure functions and one small loop (nanoGPT spirit).
+
+* Data: step s trains on ``task.generate("train", batch_size, seed=step_seed(data_seed, s))``, so runs with different
+  N (or a resumed run) see exactly the same batches in the same order (paper §6: fixed seeds, same data order; A28).
+* Model: `SleepHybrid` built from the task's vocabulary and window plus ``TrainConfig.model`` overrides; optionally
+  warm-started from another checkpoint (``init_from``; the recipe of spec/tasks.md §1.5b).
+* Loss: `SleepHybrid.forward` — label-free windows get N passes, label windows one, full BPTT (A26); optional
+  activation checkpointing per (window, pass) and optional truncated BPTT (``detach_every`` windows).
+* Optimiser: Muon for block matrices + AdamW for the rest (`agentsleep.train.optim`), linear warm-up, grad clipping.
+* Output directory (the checkpoint a user loads, and what a resumed run reads)::
+
+      config.json  model.safetensors  tokenizer.json      SleepHybrid.from_pretrained(dir) / vLLM
+      train_config.json                                   this TrainConfig (seed included)
+      eval.json                                           final held-out scores
+      log.jsonl                                           one line per log step: step, tokens, wall, loss, metrics
+      resume/  optimizer.safetensors optimizer.json trainer_state.json model.safetensors   (latest resumable step)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from agentsleep.errors import CheckpointError
+from agentsleep.model.hybrid import HybridConfig, SleepHybrid
+from agentsleep.model.state import FastWeights
+from agentsleep.tasks import Task, depo, get_task
+from agentsleep.train.optim import OptimizerName, Optimizers, lr_factor
+
+log = logging.getLogger(__name__)
+
+RESUME_DIR = "resume"
+TRAIN_CONFIG_FILE, EVAL_FILE, LOG_FILE, STATE_FILE = "train_config.json", "eval.json", "log.jsonl", "trainer_state.json"
+
+
+class TrainConfig(BaseModel):
+    """Every knob of one training run. Defaults: the CPU toy recipe documented in docs/training.md."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task: str = Field("rule110", description="task name in the agentsleep.tasks registry")
+    preset: str = Field("toy", description="task preset (paper | toy | …)")
+    task_overrides: dict[str, Any] = Field(default_factory=dict, description="task knobs, e.g. {'W': 16, 't': 4}")
+    model: dict[str, Any] = Field(
+        default_factory=dict, description="HybridConfig overrides (d_model, layout, heads, window, …)"
+    )
+    curriculum: list[tuple[int, dict[str, Any]]] = Field(
+        default_factory=list,
+        description="(start step, task overrides) stages applied on top of task_overrides until the next stage; "
+        "evaluation always uses the target task (task_overrides alone). Identical for every N, so data stay equal.",
+    )
+    passes: int = Field(1, ge=1, description="N: sleep passes over every label-free window")
+    steps: int = Field(2000, ge=0, description="optimizer steps (one batch each)")
+    batch_size: int = Field(64, ge=1)
+    optimizer: OptimizerName = Field("muon", description="muon = Muon (block matrices) + AdamW (rest); adamw = all")
+    lr_muon: float = Field(2e-3, ge=0, description="paper §6: 2e-3 for from-scratch tasks")
+    lr_adamw: float = Field(2e-3, ge=0, description="AdamW LR (paper: 5e-5 beside Muon; toys need more)")
+    muon_scale: Literal["rms", "shape"] = Field("rms", description="Muon update scaling (see muon.update_scale)")
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup: int = Field(100, ge=0, description="linear warm-up steps")
+    schedule: Literal["constant", "cosine"] = "constant"
+    clip: float | None = Field(1.0, description="global grad-norm clip (None = off)")
+    seed: int = Field(0, ge=0, description="model init (and data order unless data_seed is set)")
+    data_seed: int | None = Field(None, description="training data order; default = seed")
+    eval_every: int = Field(250, ge=0, description="steps between held-out evals (0 = only at the end)")
+    eval_size: int = Field(1024, ge=1, description="held-out examples scored during training")
+    final_eval_size: int = Field(4096, ge=1, description="held-out examples scored at the end")
+    eval_seed: int = Field(0, ge=0, description="seed of the held-out set (split 'test', disjoint from training)")
+    save_every: int = Field(500, ge=0, description="steps between resumable checkpoints (0 = only at the end)")
+    init_from: str | None = Field(None, description="warm start: checkpoint directory to load the weights from")
+    init_optimizer: bool = Field(False, description="with init_from: also load its optimizer state, if saved")
+    start_step: int = Field(
+        0,
+        ge=0,
+        description="with init_from: continue the data stream (and schedule) at this step, e.g. the step the "
+        "warm-start checkpoint was taken at, so a warm-started run sees exactly the batches its source would have seen",
+    )
+    detach_every: int | None = Field(None, ge=1, description="truncated BPTT: detach S every k windows (None = full)")
+    gate_init: Literal["model", "slow"] = Field(
+        "slow",
+        description="GDN decay init. 'model': the layer's Mamba2 draw (A ~ U[1, 16], dt ~ logU[1e-3, 1e-1]); with one "
+        "GDN head per layer that draw is a lottery (some seeds keep e^-13 of window 0 by the label window). 'slow': "
+        "A = 1, dt ~ logU[1e-3, 1e-2], so every head starts by remembering the whole sequence (see docs/training.md).",
+    )
+    activation_checkpointing: bool = Field(False, description="recompute each (window, pass) in backward")
+    compile: bool = Field(False, description="torch.compile every block (CPU: needs a C compiler)")
+    threads: int = Field(1, ge=1, description="torch threads (one per run was the most stable on 2 shared cores)")
+
+    @property
+    def effective_data_seed(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
+
+
+# ---------------------------------------------------------------------------------------------------- pure pieces
+
+
+def step_seed(data_seed: int, step: int) -> int:
+    """Seed of training batch ``step``: injective in (data_seed, step) for step < 2^32."""
+    return (data_seed << 32) | step
+
+
+def make_task(cfg: TrainConfig, stage: dict[str, Any] | None = None) -> Task:
+    """The target task, or the target with a curriculum stage's overrides on top."""
+    return get_task(cfg.task, cfg.preset, **{**cfg.task_overrides, **(stage or {})})
+
+
+def stage_at(cfg: TrainConfig, step: int) -> int | None:
+    """Index of the curriculum stage in force at ``step`` (None = the target task)."""
+    idx = None
+    for i, (start, _) in enumerate(cfg.curriculum):
+        if step >= start:
+            idx = i
+    return idx
+
+
+def model_config(cfg: TrainConfig, task: Task) -> HybridConfig:
+    """HybridConfig for this task: its vocabulary, window, BOS and PAD, plus the run's overrides."""
+    base: dict[str, Any] = {
+        "vocab_size": task.vocab_size,
+        "window": task.window,
+        "bos_token_id": task.bos_id,
+        "pad_token_id": task.pad_id,
+        "d_model": 64,
+        "layout": "agag",
+        "attn_heads": 2,
+        "gdn_heads": 1,
+        "gdn_head_dim": 64,
+    }
+    base.update(cfg.model)
+    base["passes"] = cfg.passes
+    return HybridConfig(**base)
+
+
+def build_model(cfg: TrainConfig, task: Task) -> SleepHybrid:
+    """Fresh model from ``cfg.seed``, or the weights of ``cfg.init_from`` (architecture must match; N may differ)."""
+    hc = model_config(cfg, task)
+    torch.manual_seed(cfg.seed)
+    model = SleepHybrid(hc)
+    if cfg.gate_init == "slow":
+        init_slow_gates(model)
+    if cfg.init_from:
+        src = SleepHybrid.from_pretrained(cfg.init_from)
+        a, b = src.config.model_dump(exclude={"passes"}), hc.model_dump(exclude={"passes"})
+        if a != b:
+            diff = {k: (a[k], b[k]) for k in a if a[k] != b.get(k)}
+            raise CheckpointError(f"--init-from {cfg.init_from} has a different architecture: {diff}")
+        model.load_state_dict(src.state_dict())
+    model.refresh_fingerprint()
+    return model
+
+
+SLOW_DT = (1e-3, 1e-2)  # per-token decay g = -A·dt with A = 1: 0.5%–10% lost over a 100-token sequence
+
+
+@torch.no_grad()
+def init_slow_gates(model: SleepHybrid, dt_range: tuple[float, float] = SLOW_DT) -> None:
+    """Re-draw every GDN head's decay so S starts out long-lived: A_log = 0 (A = 1), dt log-uniform in ``dt_range``,
+    stored as softplus⁻¹(dt) like the layer's own init. Uses the global torch RNG (seeded by the caller)."""
+    for blk in model.layers:
+        if blk.kind != "g":
+            continue
+        gdn = blk.linear_attn
+        gdn.A_log.zero_()
+        lo, hi = math.log(dt_range[0]), math.log(dt_range[1])
+        dt = torch.exp(torch.empty_like(gdn.dt_bias).uniform_(lo, hi))
+        gdn.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+
+def compile_blocks(model: SleepHybrid) -> None:
+    """torch.compile each block in place (parameter names and checkpoints are unchanged)."""
+    for blk in model.layers:
+        blk.compile(dynamic=False)
+
+
+def windowed_loss(
+    model: SleepHybrid,
+    tokens: torch.Tensor,
+    loss_mask: torch.Tensor,
+    passes: int,
+    *,
+    use_checkpoint: bool = False,
+    detach_every: int | None = None,
+) -> torch.Tensor:
+    """Mean masked CE of Algorithm 1; with ``detach_every = k`` the state S is detached after every k-th window
+    (truncated BPTT across windows, paper §8 limitation 1). Without it, this is exactly ``model.forward``."""
+    if detach_every is None:
+        return model(tokens, loss_mask, passes, use_checkpoint=use_checkpoint)[1]
+    L = model.config.window
+    state = model.init_state(tokens.shape[0])
+    loss_sum, n_targets = torch.zeros(()), 0
+    for w, s in enumerate(range(0, tokens.shape[1], L)):
+        x, m = tokens[:, s : s + L], loss_mask[:, s : s + L].bool()
+        scored = bool(m.any())
+        h, state, has_bos = model._run_window(x, state, 1 if scored else passes, use_checkpoint)
+        if (w + 1) % detach_every == 0:
+            state = FastWeights(
+                ssm=[t.detach() for t in state.ssm],
+                kv=[(k.detach(), v.detach()) for k, v in state.kv],
+                kv_valid=state.kv_valid,
+                fingerprint=state.fingerprint,
+            )
+        if scored:
+            logits = model.logits(h)
+            aligned = logits[:, : x.shape[1]] if has_bos else F.pad(logits[:, :-1], (0, 0, 1, 0))
+            if not has_bos:
+                m = m.clone()
+                m[:, 0] = False
+            loss_sum = loss_sum + F.cross_entropy(aligned[m], x[m], reduction="sum")
+            n_targets += int(m.sum())
+    return loss_sum / max(n_targets, 1)
+
+
+def batch_loss(model: SleepHybrid, batch: Any, passes: int, cfg: TrainConfig | None = None) -> tuple[torch.Tensor, int]:
+    """Loss over a task `Batch` (rows grouped by window count, A24) and the number of targets it averages over."""
+    groups = [batch] if np.all(batch.lengths == batch.seq_len) else list(batch.buckets().values())
+    total, n = torch.zeros(()), 0
+    for b in groups:
+        x, m = torch.from_numpy(b.tokens), torch.from_numpy(b.loss_mask)
+        k = int(m.sum())
+        loss = windowed_loss(
+            model,
+            x,
+            m,
+            passes,
+            use_checkpoint=bool(cfg and cfg.activation_checkpointing),
+            detach_every=cfg.detach_every if cfg else None,
+        )
+        total, n = total + loss * k, n + k
+    return total / max(n, 1), n
+
+
+@torch.no_grad()
+def predict(model: SleepHybrid, batch: Any, passes: int, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Target-aligned argmax ids ``[n, T]`` and per-token cross-entropy ``[n, T]`` (0 off targets), in chunks."""
+    was_training = model.training
+    model.eval()
+    n, T = batch.tokens.shape
+    ids = np.full((n, T), -1, dtype=np.int64)
+    ce = np.zeros((n, T), dtype=np.float64)
+    for s in range(0, n, chunk):
+        sub = batch.select(np.arange(s, min(n, s + chunk)))
+        groups = sub.buckets() if not np.all(sub.lengths == sub.seq_len) else {0: sub}
+        rows_of = (
+            {0: np.arange(len(sub))}
+            if len(groups) == 1 and 0 in groups
+            else {c: np.flatnonzero(sub.n_windows == c) for c in groups}
+        )
+        for c, b in groups.items():
+            x, m = torch.from_numpy(b.tokens), torch.from_numpy(b.loss_mask)
+            logits, _ = model(x, m, passes)  # [b, T', V] target-aligned
+            tok_ce = F.cross_entropy(logits.transpose(1, 2), x, reduction="none") * m  # [b, T']
+            rows = s + rows_of[c]
+            ids[rows, : x.shape[1]] = logits.argmax(-1).numpy()
+            ce[rows, : x.shape[1]] = tok_ce.numpy()
+    model.train(was_training)
+    return ids, ce
+
+
+def evaluate(model: SleepHybrid, task: Task, batch: Any, passes: int) -> dict[str, float]:
+    """Task scores on a held-out batch plus the mean target loss (and per-k CE where the task defines it)."""
+    ids, ce = predict(model, batch, passes)
+    out = dict(task.score(ids, batch))
+    out["loss"] = float(ce[batch.loss_mask].mean())
+    if task.name == "depo":  # the paper's Depo metric is test loss per k (spec §2.4)
+        out.update(depo.per_k_ce(ce, batch, task.config))  # type: ignore[arg-type]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_run(
+    out: Path, model: SleepHybrid, task: Task, cfg: TrainConfig, *, step: int, scores: dict[str, float] | None
+) -> None:
+    """The user-facing checkpoint: config.json (+ training facts under "agentsleep"), weights, tokenizer, config."""
+    extra = {
+        "task": task.name,
+        "task_config": task.config.model_dump(mode="json"),
+        "train_config": cfg.model_dump(mode="json"),
+        "seed": cfg.seed,
+        "step": step,
+        "tokens": step * cfg.batch_size * task.seq_len,
+        "eval": scores or {},
+    }
+    model.save_pretrained(out, extra_config=extra)
+    task.save_tokenizer(out / "tokenizer.json")
+    (out / TRAIN_CONFIG_FILE).write_text(cfg.model_dump_json(indent=2) + "\n")
+    if scores is not None:
+        (out / EVAL_FILE).write_text(json.dumps({"step": step, "passes": cfg.passes, **scores}, indent=2) + "\n")
+
+
+def save_resume(out: Path, model: SleepHybrid, opts: Optimizers, state: dict[str, Any]) -> None:
+    """Everything needed to continue bit-identically: weights, optimizer tensors, step/tokens/wall."""
+    d = out / RESUME_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    opts.save(d)
+    (d / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def load_resume(out: Path, model: SleepHybrid, opts: Optimizers, cfg: TrainConfig) -> dict[str, Any] | None:
+    d = out / RESUME_DIR
+    if not (d / STATE_FILE).is_file():
+        return None
+    saved = json.loads((out / TRAIN_CONFIG_FILE).read_text()) if (out / TRAIN_CONFIG_FILE).is_file() else None
+    mine = cfg.model_dump(mode="json")
+    if saved is not None:
+        diff = {
+            k
+            for k in mine
+            if k not in ("steps", "eval_every", "save_every", "final_eval_size") and saved.get(k) != mine[k]
+        }
+        if diff:
+            raise CheckpointError(f"{out} was trained with different settings ({sorted(diff)}); use another --out")
+    model.load_state_dict(load_file(str(d / "model.safetensors")))
+    model.refresh_fingerprint()
+    opts.load(d)
+    return json.loads((d / STATE_FILE).read_text())
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Train one model; write the checkpoint directory; return ``{"step", "tokens", "wall", "eval", "history"}``.
+
+    Re-running with the same config into the same directory resumes from the latest resumable step and continues
+    bit-identically (same batches, same optimizer state; CPU float32 with a fixed thread count).
+    """
+    torch.set_flush_denormal(True)  # the decaying fast-weight state fills with denormals otherwise (~6x slower)
+    torch.set_num_threads(cfg.threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = make_task(cfg)
+    model = build_model(cfg, task)
+    opts = Optimizers(
+        model,
+        name=cfg.optimizer,
+        lr_muon=cfg.lr_muon,
+        lr_adamw=cfg.lr_adamw,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+        muon_scale=cfg.muon_scale,
+    )
+    start, tokens, wall = cfg.start_step, 0, 0.0
+    history: list[dict[str, Any]] = []
+    state = load_resume(out, model, opts, cfg) if resume else None
+    if state is not None:
+        start, tokens, wall = state["step"], state["tokens"], state["wall"]
+        history = [r for r in _read_log(out) if r["step"] <= start]
+        log.info("resuming %s at step %d", out, start)
+    elif cfg.init_from:
+        src = _read_state(Path(cfg.init_from))
+        if cfg.start_step and src is not None:  # the source's cost counts: equal tokens means equal tokens
+            if src["step"] != cfg.start_step:
+                raise CheckpointError(f"{cfg.init_from} stopped at step {src['step']}, not start_step={cfg.start_step}")
+            tokens, wall = src["tokens"], src["wall"]
+            history = [r for r in _read_log(Path(cfg.init_from)) if r["step"] <= cfg.start_step]
+        if cfg.init_optimizer and (Path(cfg.init_from) / RESUME_DIR / "optimizer.json").is_file():
+            opts.load(Path(cfg.init_from) / RESUME_DIR)
+    (out / TRAIN_CONFIG_FILE).write_text(cfg.model_dump_json(indent=2) + "\n")
+    _write_log(out, history)
+    if cfg.compile:
+        compile_blocks(model)
+    eval_batch = task.generate("test", cfg.eval_size, cfg.eval_seed)
+    model.train()
+
+    def run_eval(step: int) -> dict[str, float]:
+        scores = evaluate(model, task, eval_batch, cfg.passes)
+        if on_eval is not None:
+            on_eval(step, scores)
+        return scores
+
+    if state is None and cfg.eval_every:  # fresh or warm-started: score the starting point at this run's N
+        history.append({"step": start, "tokens": tokens, "wall": round(wall, 3), "eval": run_eval(start)})
+        _append_log(out, history[-1])
+    bar = tqdm(
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        disable=not progress,
+        desc=f"{cfg.task} N={cfg.passes}",
+        dynamic_ncols=True,
+    )
+    losses: list[float] = []
+    stage_tasks = [make_task(cfg, ov) for _, ov in cfg.curriculum]
+    for step in bar:
+        i = stage_at(cfg, step)
+        data_task = task if i is None else stage_tasks[i]
+        batch = data_task.generate("train", cfg.batch_size, step_seed(cfg.effective_data_seed, step))
+        t0 = time.perf_counter()
+        opts.set_lr_factor(lr_factor(step, warmup=cfg.warmup, total=cfg.steps, schedule=cfg.schedule))
+        loss, _ = batch_loss(model, batch, cfg.passes, cfg)
+        opts.zero_grad()
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)) if cfg.clip else math.nan
+        opts.step()
+        wall += time.perf_counter() - t0
+        tokens += int(batch.lengths.sum())
+        losses.append(loss.item())
+        done = step + 1
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+            row: dict[str, Any] = {
+                "step": done,
+                "tokens": tokens,
+                "wall": round(wall, 3),
+                "loss": float(np.mean(losses)),
+                "grad_norm": gnorm,
+            }
+            losses = []
+            if cfg.eval_every and done % cfg.eval_every == 0:
+                row["eval"] = run_eval(done)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", **_headline(row["eval"]))
+            history.append(row)
+            _append_log(out, row)
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+            model.refresh_fingerprint()
+            save_resume(out, model, opts, {"step": done, "tokens": tokens, "wall": wall})
+    bar.close()
+    model.refresh_fingerprint()
+    final = evaluate(model, task, task.generate("test", cfg.final_eval_size, cfg.eval_seed), cfg.passes)
+    save_run(out, model, task, cfg, step=cfg.steps, scores=final)
+    save_resume(out, model, opts, {"step": cfg.steps, "tokens": tokens, "wall": wall})
+    log.info("trained %s N=%d: %s", cfg.task, cfg.passes, _headline(final))
+    return {"step": cfg.steps, "tokens": tokens, "wall": wall, "eval": final, "history": history}
+
+
+def _read_state(run: Path) -> dict[str, Any] | None:
+    p = run / RESUME_DIR / STATE_FILE
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _headline(scores: dict[str, float]) -> dict[str, str]:
+    return {k: f"{scores[k]:.3f}" for k in ("exact", "per_label") if k in scores}
+
+
+def _read_log(out: Path) -> list[dict[str, Any]]:
+    p = out / LOG_FILE
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+
+
+def _write_log(out: Path, rows: list[dict[str, Any]]) -> None:
+    (out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _append_log(out: Path, row: dict[str, Any]) -> None:
+    with (out / LOG_FILE).open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def load_log(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The JSONL training log of a run directory."""
+    return _read_log(Path(out_dir))

@@ -1,0 +1,1 @@
+"""Evaluation harnesses and their committed results (not an installed package; run as ``python -m evals.model``)."""
