@@ -53,6 +53,11 @@ class StoreError(AgentSleepError):
     """The snapshot store could not complete an operation (database unreachable, constraint violated)."""
 
 
+class SnapshotConflict(StoreError):
+    """A compare-and-set save lost: the agent's current snapshot is no longer the one the caller expected (another
+    writer saved in between). Nothing was written; reload the agent's latest snapshot and redo the work on it."""
+
+
 class CheckpointError(AgentSleepError, ValueError):
     """A model checkpoint directory is missing files or holds inconsistent ones."""
 
@@ -72,6 +77,7 @@ __all__ = [
     "EngineError",
     "InvalidInput",
     "SleepFailed",
+    "SnapshotConflict",
     "SnapshotCorrupt",
     "SnapshotError",
     "SnapshotMismatch",

@@ -4,6 +4,8 @@
 * `SleepPolicy` — window L, passes N, soft threshold, idle sleep, retries, timeouts (pydantic, frozen).
 * `SleepScheduler` — runs a `SleepJob` in the background: per-agent debounce, one sleep per agent at a time,
   a synchronous `sleep_now` only when a turn cannot fit, failures retried and never raised into a turn.
+* `AgentHost` — agents' turns on an engine with background sleeps and snapshots; `SleepWorker` — consolidates
+  agents queued in the store (`agentsleep sleep-worker`), for hosts that hand sleeps to other processes.
 """
 
 from agentsleep.memory.policy import SleepPolicy
@@ -21,14 +23,15 @@ from agentsleep.memory.scheduler import (
 )
 from agentsleep.memory.tokens import EncodingName, TokenCounter, offline_encoding
 
-_LAZY = {"AgentHost", "TurnResult"}  # the host pulls in torch and the runtime: import it only when asked for
+# The host and the sleep worker pull in torch and the runtime: import them only when asked for.
+_LAZY = {"AgentHost": "host", "TurnResult": "host", "SleepWorker": "worker"}
 
 
 def __getattr__(name: str) -> object:
     if name in _LAZY:
-        from agentsleep.memory import host
+        import importlib
 
-        return getattr(host, name)
+        return getattr(importlib.import_module(f"agentsleep.memory.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'agentsleep.memory' has no attribute {name!r}")
 
 
@@ -46,6 +49,7 @@ __all__ = [
     "SleepRequest",
     "SleepScheduler",
     "SleepStatus",
+    "SleepWorker",
     "TokenCounter",
     "TurnResult",
     "offline_encoding",

@@ -7,7 +7,9 @@ at once. Guarantees (tested in tests/store/):
 - sequence numbers increase strictly per agent, also under concurrent writers (the agent row is the lock);
 - a load verifies the payload's sha256 before parsing anything and raises `SnapshotCorrupt` for damaged data,
   changing nothing (the agent keeps pointing at its last good snapshot; other snapshots load fine);
-- an agent's model fingerprint and state shapes are fixed at its first save (`SnapshotMismatch` otherwise).
+- an agent's model fingerprint and state shapes are fixed at its first save (`SnapshotMismatch` otherwise);
+- ``save(..., expect_current=id)`` is a compare-and-set under the agent's row lock: it writes nothing and raises
+  `SnapshotConflict` if another save made a different snapshot current first.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from sqlalchemy.orm import Session, undefer
 from agentsleep.errors import (
     AgentSleepError,
     InvalidInput,
+    SnapshotConflict,
     SnapshotCorrupt,
     SnapshotMismatch,
     StoreError,
@@ -181,6 +184,7 @@ class SnapshotStore:
         parent_id: str | None = None,
         thread_id: str | None = None,
         metadata: dict[str, Any] | None = None,
+        expect_current: str | None = None,
     ) -> SnapshotRecord:
         """Save an agent's memory (fast weights + window token ids) and make it the agent's current snapshot.
 
@@ -193,10 +197,15 @@ class SnapshotStore:
             tokens_consolidated: total tokens consolidated into ``state`` over the agent's life.
             parent_id: the snapshot this one derives from; default the agent's current snapshot.
             thread_id, metadata: free-form tags (metadata must be JSON-serialisable).
+            expect_current: compare-and-set: save only if this is still the agent's current snapshot id (checked
+                under the agent's row lock, so no concurrent save can slip in between); otherwise raise
+                `SnapshotConflict` and write nothing. An agent that does not exist yet has no current snapshot, so
+                any ``expect_current`` conflicts with it.
 
         Raises:
             InvalidInput: bad argument (type, range, non-int token ids, non-JSON metadata).
             SnapshotMismatch: the agent exists with another model fingerprint or other state shapes.
+            SnapshotConflict: ``expect_current`` is not the agent's current snapshot (nothing written).
             UnknownSnapshot: ``parent_id`` does not exist.
             StoreError: the database failed.
         """
@@ -218,6 +227,7 @@ class SnapshotStore:
             parent=_CURRENT if parent_id is None else parent_id,
             thread_id=thread_id,
             metadata=metadata,
+            expect_current=expect_current,
         )
 
     def _save(
@@ -235,8 +245,11 @@ class SnapshotStore:
         thread_id: str | None,
         metadata: dict[str, Any] | None,
         new_agent: bool = False,
+        expect_current: str | None = None,
     ) -> SnapshotRecord:
         _check_agent_id(agent_id)
+        if expect_current is not None and not isinstance(expect_current, str):
+            raise InvalidInput(f"expect_current must be a snapshot id (str) or None, got {expect_current!r}")
         if not isinstance(reason, str) or not _REASON.match(reason):
             raise InvalidInput(f"reason must match {_REASON.pattern} (e.g. 'sleep', 'manual'), got {reason!r}")
         if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
@@ -262,6 +275,12 @@ class SnapshotStore:
             if new_agent and not created:
                 raise InvalidInput(f"agent {agent_id!r} already exists; choose a new agent id")
             agent = self._lock_agent(s, agent_id)
+            if expect_current is not None and agent.current_snapshot_id != expect_current:
+                # Checked under the row lock (Postgres FOR UPDATE, SQLite BEGIN IMMEDIATE): a compare-and-set.
+                raise SnapshotConflict(
+                    f"agent {agent_id!r} moved on: its current snapshot is {agent.current_snapshot_id!r}, not the "
+                    f"expected {expect_current!r}; nothing was saved (reload its latest snapshot and redo the work)"
+                )
             if agent.fingerprint != fingerprint:
                 raise SnapshotMismatch(
                     f"agent {agent_id!r} belongs to model {agent.fingerprint!r}, but this state was made by "
