@@ -3,10 +3,11 @@
 from langchain.agents import create_agent
 from langchain_agentsleep import ChatSleepHybrid, SleepMemory
 
-model = ChatSleepHybrid.from_pretrained("checkpoints/chat")
+model = ChatSleepHybrid.from_pretrained("checkpoints/gsm-qlast-n2")
 agent = create_agent(model, middleware=[SleepMemory(model, store="sqlite:///agents.db")], checkpointer=...)
 """
 
+from langchain_agentsleep.budget import ReplyBudget
 from langchain_agentsleep.chat_models import ChatSleepHybrid
 from langchain_agentsleep.chat_template import ChatCodec, ChatTemplate
 from langchain_agentsleep.errors import MissingAgentKey
@@ -18,6 +19,7 @@ __all__ = [
     "ChatSleepHybrid",
     "ChatTemplate",
     "MissingAgentKey",
+    "ReplyBudget",
     "SleepMemory",
     "SleepState",
     "count_tokens_tiktoken",

@@ -9,6 +9,7 @@ EXPECTED_ALL = [
     "ChatSleepHybrid",
     "ChatTemplate",
     "MissingAgentKey",
+    "ReplyBudget",
     "SleepMemory",
     "SleepState",
     "count_tokens_tiktoken",
