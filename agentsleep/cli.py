@@ -10,8 +10,11 @@ import click
 # (command name, "module:attribute") — imported lazily so `agentsleep --help` stays fast and a missing
 # optional dependency (e.g. vLLM) only breaks the command that needs it.
 _COMMANDS: dict[str, str] = {
+    "demo": "agentsleep.episodes.cli:demo",
     "snapshots": "agentsleep.store.cli:snapshots",
     "serve": "agentsleep.serving.cli:serve",
+    "sleep-worker": "agentsleep.memory.worker_cli:sleep_worker",
+    "train": "agentsleep.train.cli:train",
 }
 
 

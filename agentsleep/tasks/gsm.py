@@ -10,6 +10,10 @@ Symbolic generator (spec §3.3), compact CPU-toy tokenisation (spec §3.6)::
     Q V017 ; V017 = V005 + 1 ; V005 = 3 ; V090 = V044 - 1 ; … A 4 <eos>
     (text: "Question: What is the value of V017? Context: assign V017 = V005 + 1. … Answer: 4")
 
+With ``question_position="last"`` the question moves after the context (``… V090 = V044 - 1 ; Q V017 ; A 4 <eos>``;
+text "Context: … Question: … Answer: 4"): the layout of an agent that hears the facts over many turns and is asked
+only at the end, so nothing tells it what to keep while it consolidates. The paper prefers question first (§6.3).
+
 Value form: the op count is the depth of the asked variable (statements on its chain, the root's assignment
 included). Set form (upstream): "Which variables equal q?", the op count is the number of core variables.
 
@@ -172,7 +176,7 @@ def generate_rows(cfg: GSMConfig, split: Split, n: int, seed: int, draw: DrawCor
         return Batch(tokens=empty, loss_mask=empty.astype(bool), meta=[], window=cfg.window, pad_id=cfg.pad_id)
     tokens, mask, lengths, left = pack_rows(rows, cfg.window, cfg.pad_id)
     for meta, pad, length in zip(metas, left, lengths.tolist()):
-        meta["left_pad"] = pad
+        meta["left_pad"] = pad + meta.pop("question_pad", 0)  # all PADs before the first real token
         meta["n_windows"] = length // cfg.window
     return Batch(tokens=tokens, loss_mask=mask, meta=metas, window=cfg.window, pad_id=cfg.pad_id, lengths=lengths)
 
@@ -236,6 +240,9 @@ class GSMSymbolicConfig(GSMConfig):
     n_vars: int = Field(128, ge=4, le=100_000, description="variable pool; one token per variable")
     root_max: int = Field(10, ge=0, description="the root's value is ~ U{0..root_max}")
     core_extra: int = Field(2, ge=0, description="value form: up to this many extra core variables off the chain")
+    question_position: Literal["first", "last"] = Field(
+        "first", description="'first': the question opens the sequence (paper §6.3); 'last': it follows the context"
+    )
 
     def var(self, i: int) -> str:
         """Name of pool variable i, e.g. V017 (zero-padded to the pool's width)."""
@@ -247,7 +254,8 @@ class GSMSymbolicConfig(GSMConfig):
 
     def describe(self) -> str:
         return (
-            f"gsm_symbolic: {self.form} form, ops {self.ops[0]}-{self.ops[1]}, {self.n_vars} variables, "
+            f"gsm_symbolic: {self.form} form, question {self.question_position}, ops {self.ops[0]}-{self.ops[1]}, "
+            f"{self.n_vars} variables, "
             f"{self.min_tokens}-{self.max_tokens} {self.count_with} tokens, L={self.window}, vocab {self.vocab_size}"
         )
 
@@ -382,20 +390,36 @@ def finish_symbolic(
     everything = stmts + noise
     shuffled = [everything[i] for i in order]
     q_tokens, q_text = _sym_question(cfg, core)
-    words = q_tokens + [t for s in shuffled for t in _stmt_tokens(cfg, s)] + ["A"]
+    context = [t for s in shuffled for t in _stmt_tokens(cfg, s)]
+    words = (q_tokens + context if cfg.question_position == "first" else context + q_tokens) + ["A"]
     answer = [*_sym_answer_tokens(cfg, core), EOS]
     index = cfg.token_index()
     ids = [index[w] for w in words + answer]
     mask = [False] * len(words) + [True] * len(answer)
-    text = f"{q_text} Context: {' '.join(_stmt_text(cfg, s) for s in shuffled)} Answer: {core.answer}"
+    pad = 0
+    if cfg.question_position == "last":
+        # Keep the question in the label window with its answer (an agent is asked in its live window): if it would
+        # straddle a window boundary, left-pad (inert) so it opens the next window instead. Never adds a window.
+        q_start, L = len(context), cfg.window
+        if q_start // L != (len(ids) - 1) // L:
+            pad = L - q_start % L
+            ids = [cfg.pad_id] * pad + ids
+            mask = [False] * pad + mask
+    body = " ".join(_stmt_text(cfg, s) for s in shuffled)
+    if cfg.question_position == "first":
+        text = f"{q_text} Context: {body} Answer: {core.answer}"
+    else:
+        text = f"Context: {body} {q_text} Answer: {core.answer}"
     meta = {
         "form": cfg.form,
+        "question_position": cfg.question_position,
         "text": text,
         "depth": core.extra["depth"],
         "n_core": len(stmts),
         "n_noise": len(noise),
         "target_tokens": target,
-        "n_tokens": len(ids),
+        "n_tokens": len(ids) - pad,
+        "question_pad": pad,
     }
     if cfg.count_with == "cl100k":
         meta["n_tokens_cl100k"] = count_cl100k(text)

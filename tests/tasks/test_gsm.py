@@ -183,3 +183,42 @@ def test_cl100k_length_unit() -> None:
     for m in batch.meta:
         assert m["n_tokens_cl100k"] <= 500
         assert m["n_tokens_cl100k"] >= m["target_tokens"] or m["n_tokens_cl100k"] > 500 - 20
+
+
+LAST = re.compile(r"Context: (.*) (Question: .*) Answer: (.*)")
+
+
+@pytest.mark.parametrize("form", ["value", "set"])
+def test_question_last_moves_only_the_question(form: str) -> None:
+    first_cfg = GSMSymbolicConfig(form=form, test_size=50)
+    last_cfg = first_cfg.with_overrides(question_position="last")
+    first = gsm.generate("train", 120, 5, first_cfg)
+    last = gsm.generate("train", 120, 5, last_cfg)
+    last.validate(last_cfg.vocab_size)
+    L = last_cfg.window
+    padded = 0
+    for a, b, row, mask, length in zip(first.meta, last.meta, last.tokens, last.loss_mask, last.lengths):
+        assert (a["question_position"], b["question_position"]) == ("first", "last")
+        # Same problem, same shuffled statements, same answer: only the question moved behind the context.
+        m = LAST.fullmatch(b["text"])
+        assert m, b["text"]
+        context, question, answer = m.groups()
+        assert a["text"] == f"{question} Context: {context} Answer: {answer}"
+        assert (a["answer"], a["op"], a["n_tokens"]) == (b["answer"], b["op"], b["n_tokens"])
+        assert solve_text(a["text"])["answer"] == answer == b["answer"]
+        # Token layout: PAD, context, "Q … ;", the cue "A", then the targets (answer + <eos>), then PAD.
+        start = b["left_pad"]
+        assert (row[:start] == last_cfg.pad_id).all()
+        words = decode(last_cfg, row[start : start + b["n_tokens"]]).split(" ")
+        q_at, a_at = words.index("Q"), words.index("A")
+        assert words[a_at - 1] == ";" and ";" not in words[q_at : a_at - 1] and words[q_at - 1] == ";"
+        assert decode(last_cfg, row[mask]).split(" ") == words[a_at + 1 :]
+        # The question shares the label window with its answer: it is never consolidated before it is asked.
+        assert (start + q_at) // L == (length - 1) // L
+        padded += b["left_pad"] > 0
+    assert padded > 0  # some questions would have straddled a boundary and were moved into the label window
+
+
+def test_question_position_is_validated() -> None:
+    with pytest.raises(ValueError):
+        GSMSymbolicConfig(question_position="middle")

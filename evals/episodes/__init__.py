@@ -1,0 +1,1 @@
+"""Long-horizon agent episodes through the LangChain stack (`python -m evals.episodes`)."""
