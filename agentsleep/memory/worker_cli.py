@@ -19,8 +19,9 @@ import click
 from agentsleep.errors import AgentSleepError, CheckpointError, ConfigError, InvalidInput, StoreError
 from agentsleep.memory.worker import DEFAULT_STALE_AFTER_S, SleepWorker
 from agentsleep.runtime.torch_engine import TorchEngine
+from agentsleep.store.cli import blob_dir_option, url_option
 from agentsleep.store.records import SleepJobRecord
-from agentsleep.store.store import DEFAULT_URL, SnapshotStore
+from agentsleep.store.store import SnapshotStore
 
 EXIT_USAGE, EXIT_STORE = 2, 5
 
@@ -70,20 +71,8 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     type=click.Path(exists=True, file_okay=False),
     help="Model checkpoint directory (config.json, model.safetensors): the model the agents' snapshots were made with.",
 )
-@click.option(
-    "--url",
-    envvar="AGENTSLEEP_STORE_URL",
-    default=DEFAULT_URL,
-    show_default=True,
-    help="Store database URL (env AGENTSLEEP_STORE_URL); Postgres to share jobs between workers on many hosts.",
-)
-@click.option(
-    "--blob-dir",
-    envvar="AGENTSLEEP_STORE_BLOB_DIR",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Directory of content-addressed payload files, if the store uses one (env AGENTSLEEP_STORE_BLOB_DIR).",
-)
+@url_option("Store database URL (env AGENTSLEEP_STORE_URL); Postgres to share jobs between workers on many hosts.")
+@blob_dir_option
 @click.option(
     "--passes", type=click.IntRange(min=1), default=None, help="Sleep passes N for jobs that name none [checkpoint's]."
 )

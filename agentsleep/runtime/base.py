@@ -44,6 +44,7 @@ from agentsleep.runtime.engine import (
     SleepTrigger,
     check_token_ids,
 )
+from agentsleep.runtime.text import TextCodec
 
 if TYPE_CHECKING:
     from agentsleep.store import SnapshotStore
@@ -151,6 +152,21 @@ class EngineBase(Generic[LiveT, StreamT]):
     @property
     def vocab_size(self) -> int:
         return self.model.config.vocab_size
+
+    # ------------------------------------------------------------------ text
+
+    codec: TextCodec | None = None  # set by a subclass that has the checkpoint's tokenizer
+
+    def encode(self, text: str | bytes) -> list[int]:
+        """Token ids of a turn's text (see `TextCodec.encode` for what is rejected)."""
+        if self.codec is None:
+            raise InvalidInput("this engine has no tokenizer (no tokenizer.json in the checkpoint): pass token ids")
+        return check_token_ids(self.codec.encode(text), self.vocab_size, what="encoded text")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.codec is None:
+            raise InvalidInput("this engine has no tokenizer (no tokenizer.json in the checkpoint): it cannot decode")
+        return self.codec.decode(ids)
 
     # ------------------------------------------------------------------ agents
 

@@ -35,8 +35,12 @@ def save_memory(
     reason: str,
     passes: int,
     metadata: dict[str, Any] | None = None,
+    thread_id: str | None = None,
 ) -> SnapshotRecord:
-    """Save ``memory`` as the agent's newest snapshot (parent: its current one) and return the record."""
+    """Save ``memory`` as the agent's newest snapshot (parent: its current one) and return the record.
+
+    The metadata always carries the counters `memory_from_snapshot` reads back (sleep_count, tokens_seen).
+    """
     meta = {"sleep_count": memory.sleep_count, "tokens_seen": memory.tokens_seen, **(metadata or {})}
     return store.save(
         agent_id,
@@ -45,6 +49,7 @@ def save_memory(
         reason=reason,
         passes=passes,
         tokens_consolidated=memory.tokens_consolidated,
+        thread_id=thread_id,
         metadata=meta,
     )
 

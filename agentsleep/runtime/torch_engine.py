@@ -142,21 +142,6 @@ class TorchEngine(EngineBase[_Live, _Stream]):
     def device(self) -> torch.device:
         return self.model.device
 
-    # ------------------------------------------------------------------ text
-
-    def encode(self, text: str | bytes) -> list[int]:
-        """Token ids of a turn's text (see `TextCodec.encode` for what is rejected)."""
-        if self.codec is None:
-            raise InvalidInput(
-                "this engine has no tokenizer: pass token ids, or load a checkpoint that holds tokenizer.json"
-            )
-        return check_token_ids(self.codec.encode(text), self.vocab_size, what="encoded text")
-
-    def decode(self, ids: Sequence[int]) -> str:
-        if self.codec is None:
-            raise InvalidInput("this engine has no tokenizer: it cannot turn ids into text")
-        return self.codec.decode(ids)
-
     # ------------------------------------------------------------------ wake
 
     def observe(

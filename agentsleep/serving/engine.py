@@ -196,18 +196,6 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
     def bos(self) -> int:
         return int(self.model.config.bos_token_id)  # type: ignore[arg-type]  # checked in __init__
 
-    # ------------------------------------------------------------------ text
-
-    def encode(self, text: str | bytes) -> list[int]:
-        if self.codec is None:
-            raise InvalidInput("this checkpoint has no tokenizer.json: pass token ids")
-        return check_token_ids(self.codec.encode(text), self.vocab_size, what="encoded text")
-
-    def decode(self, ids: Sequence[int]) -> str:
-        if self.codec is None:
-            raise InvalidInput("this checkpoint has no tokenizer.json: it cannot turn ids into text")
-        return self.codec.decode(ids)
-
     # ------------------------------------------------------------------ wake
 
     def observe(

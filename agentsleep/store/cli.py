@@ -83,21 +83,26 @@ def _when(r: SnapshotRecord) -> str:
     return r.created_at.strftime("%Y-%m-%d %H:%M:%S")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--url",
-    envvar="AGENTSLEEP_STORE_URL",
-    default=DEFAULT_URL,
-    show_default=True,
-    help="Store database URL (env AGENTSLEEP_STORE_URL), e.g. sqlite:///agentsleep.db or postgresql+psycopg://...",
-)
-@click.option(
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def url_option(help: str) -> Callable[[F], F]:
+    """``--url`` (env AGENTSLEEP_STORE_URL): the store's database, for every command that opens one."""
+    return click.option("--url", envvar="AGENTSLEEP_STORE_URL", default=DEFAULT_URL, show_default=True, help=help)
+
+
+blob_dir_option = click.option(
     "--blob-dir",
     envvar="AGENTSLEEP_STORE_BLOB_DIR",
     type=click.Path(file_okay=False),
     default=None,
     help="Directory of content-addressed payload files, if the store uses one (env AGENTSLEEP_STORE_BLOB_DIR).",
 )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@url_option("Store database URL (env AGENTSLEEP_STORE_URL), e.g. sqlite:///agentsleep.db or postgresql+psycopg://...")
+@blob_dir_option
 @click.pass_context
 def snapshots(ctx: click.Context, url: str, blob_dir: str | None) -> None:
     """Inspect and manage agents' memory snapshots (fast weights + window)."""

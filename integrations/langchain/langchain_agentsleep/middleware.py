@@ -48,7 +48,7 @@ from agentsleep.errors import (
 from agentsleep.memory.policy import SleepPolicy
 from agentsleep.memory.scheduler import SleepOutcome, SleepRecord, SleepRequest, SleepScheduler
 from agentsleep.runtime.engine import AgentMemory, AgentSession, Engine, SleepCommit
-from agentsleep.runtime.revive import memory_from_snapshot
+from agentsleep.runtime.revive import memory_from_snapshot, save_memory
 from agentsleep.store import SnapshotStore
 from langchain.agents.middleware.types import (
     AgentMiddleware,
@@ -136,7 +136,7 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
             from langgraph.checkpoint.sqlite import SqliteSaver
             from langchain_agentsleep import ChatSleepHybrid, SleepMemory
 
-            model = ChatSleepHybrid.from_pretrained("checkpoints/chat")
+            model = ChatSleepHybrid.from_pretrained("checkpoints/gsm-qlast-n2")
             memory = SleepMemory(model, store="sqlite:///agents.db")
             agent = create_agent(model, middleware=[memory], checkpointer=SqliteSaver.from_conn_string("graph.db"))
             agent.invoke({"messages": [("user", "hi")]}, {"configurable": {"thread_id": "alice"}})
@@ -267,24 +267,18 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
 
         def persist(memory: AgentMemory) -> str:
             ledger = slot.ledger
-            meta: dict[str, Any] = {
-                "sleep_count": memory.sleep_count,
-                "tokens_seen": memory.tokens_seen,
-                "consolidated_through": book.committed.through if book.committed else None,
-            }
+            meta: dict[str, Any] = {"consolidated_through": book.committed.through if book.committed else None}
             if ledger is not None and ledger.window_tokens == len(memory.window):
                 meta["window_message_ids"] = list(ledger.message_ids)
                 meta["window_head_tokens"] = ledger.head_tokens
-            passes = self.policy.passes
-            return store.save(
+            return save_memory(
+                store,
                 agent_id,
-                memory.state,
-                list(memory.window),
+                memory,
                 reason=reason,
-                passes=passes,
-                tokens_consolidated=memory.tokens_consolidated,
-                thread_id=book.thread_id,
+                passes=self.policy.passes,
                 metadata=meta,
+                thread_id=book.thread_id,
             ).id
 
         with slot.lock:
