@@ -1,7 +1,7 @@
 """Live agents: the `Engine` protocol, the embedded `TorchEngine`, sessions, and revival from snapshots.
 
     from agentsleep.runtime import TorchEngine, SamplingParams
-    engine = TorchEngine.from_pretrained("checkpoints/depo")
+    engine = TorchEngine.from_pretrained("checkpoints/depo-micro-n4")
     engine.create_agent("alice")
     engine.observe("alice", engine.encode("a b c"))
     out = engine.generate("alice", engine.encode("q"), SamplingParams(max_new_tokens=8))

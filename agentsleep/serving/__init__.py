@@ -4,7 +4,7 @@ OpenAI-compatible server (``agentsleep serve``). See docs/serving.md.
 Importing this package does not import vLLM; the names below load their modules on first use:
 
     from agentsleep.serving import VLLMEngine, load_engine
-    engine = load_engine("vllm", "checkpoints/depo")     # or "torch": the same Engine protocol
+    engine = load_engine("vllm", "checkpoints/depo-micro-n4")     # or "torch": the same Engine protocol
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ class ChatSleepHybrid(BaseChatModel):
 
             from langchain_agentsleep import ChatSleepHybrid
 
-            model = ChatSleepHybrid.from_pretrained("checkpoints/chat", max_tokens=64)
+            model = ChatSleepHybrid.from_pretrained("checkpoints/gsm-qlast-n2", max_tokens=64)
             model.invoke("hello")  # a throw-away agent: zero S + this message
             model.invoke("hello", agent_id="alice")  # agent "alice": its S + its window + this message
 
