@@ -48,6 +48,10 @@ gsm() {  # question last and first: N=1 for 500 steps, then N=1 and N=2 both con
     ship "$r-n1" "gsm-q$pos-n1"
     ship "$r-n2" "gsm-q$pos-n2"
   done
+  # the episodes' full-history baseline: attention only, one window holding a whole problem (192 tokens)
+  $AS train --config evals/configs/gsm_qlast.json --model layout=aaaa --model window=192 \
+    --out runs/checkpoints/gsm-qlast-attn-full --no-progress
+  ship runs/checkpoints/gsm-qlast-attn-full gsm-qlast-attn-full
 }
 
 for what in "${@:-rule110 depo gsm}"; do

@@ -117,9 +117,16 @@ def pick_pair(
     return (max(n1, key=lambda i: i.exact or 0.0) if n1 else None), best
 
 
-def pick_full_attention(infos: Sequence[CheckpointInfo], task: str, tokens: int) -> CheckpointInfo | None:
-    """An attention-only checkpoint of the task whose window holds ``tokens``."""
-    ok = [i for i in infos if i.task == task and i.full_attention and i.window >= tokens]
+def pick_full_attention(infos: Sequence[CheckpointInfo], task: str, tokens: int, **match: Any) -> CheckpointInfo | None:
+    """An attention-only checkpoint of the task (config matching ``match``) whose window holds ``tokens``."""
+    ok = [
+        i
+        for i in infos
+        if i.task == task
+        and i.full_attention
+        and i.window >= tokens
+        and all(getattr(i.task_config, k, None) == v for k, v in match.items())
+    ]
     return max(ok, key=lambda i: i.exact or 0.0) if ok else None
 
 
@@ -259,7 +266,8 @@ def plan(
             eps = stateful_gsm_episodes(cfg, stateful_size or max(2 * n, 4), seed + 1)[:n]
             title = "reasoning-gym stateful GSM (English; plumbing check)"
             gym_notes = _gym_notes(eps)
-        full = pick_full_attention(infos, ref.task, max(e.max_tokens for e in eps))
+        layout_match = {"question_position": ref.question_position} if ref.question_position else {}
+        full = pick_full_attention(infos, ref.task, max(e.max_tokens for e in eps), **layout_match)
         block = Block(kind, title, ABOUT[kind], eps, _conditions(n1, best, full))
         if kind == "stateful_gsm":
             block.notes += gym_notes

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from agentsleep.episodes.suite import find_checkpoints, pick_full_attention, pick_pair, plan, read_checkpoint
-from tests.episodes.helpers import build_checkpoint, depo_task
+from tests.episodes.helpers import build_checkpoint, depo_task, gsm_task
 
 
 def test_find_and_pick(suite: Path, tmp_path: Path) -> None:
@@ -17,6 +17,12 @@ def test_find_and_pick(suite: Path, tmp_path: Path) -> None:
     assert pick_pair(infos, "gsm_symbolic", question_position="first") == (None, None)
     assert pick_full_attention(infos, "depo", 160).path.name == "depo-attn"
     assert pick_full_attention(infos, "depo", 161) is None  # its window must hold the whole episode
+    # A full-attention GSM model trained question-last is no baseline for question-first episodes.
+    build_checkpoint(tmp_path / "gsm-attn", gsm_task("last"), 1, layout="aaaa", window=512)
+    infos = find_checkpoints(suite, tmp_path)
+    assert pick_full_attention(infos, "gsm_symbolic", 100, question_position="last").path.name == "gsm-attn"
+    assert pick_full_attention(infos, "gsm_symbolic", 100, question_position="first") is None
+    (tmp_path / "gsm-attn" / "config.json").unlink()
     # Among several N > 1, the best held-out score wins (eval.json, as `agentsleep train` writes it).
     n4 = build_checkpoint(tmp_path / "depo-n4", depo_task(), 4, seed=9)
     (n4 / "eval.json").write_text(json.dumps({"exact": 0.3}))
