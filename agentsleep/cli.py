@@ -11,6 +11,7 @@ import click
 # optional dependency (e.g. vLLM) only breaks the command that needs it.
 _COMMANDS: dict[str, str] = {
     "demo": "agentsleep.episodes.cli:demo",
+    "eval": "agentsleep.train.eval_cli:eval_checkpoint",
     "snapshots": "agentsleep.store.cli:snapshots",
     "serve": "agentsleep.serving.cli:serve",
     "sleep-worker": "agentsleep.memory.worker_cli:sleep_worker",

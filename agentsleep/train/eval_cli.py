@@ -1,0 +1,86 @@
+"""``agentsleep eval``: score a trained checkpoint on its task's held-out set, for one or several sleep passes N.
+
+The checkpoint's ``config.json`` names its task and task config (``agentsleep train`` writes them), so the held-out
+set is the one the trainer scored (split ``test``, seed 0) unless asked otherwise. Scoring the same weights with
+several N is the cheap half of the paper's N comparison; a model trained at each N is ``python -m evals.model``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agentsleep.errors import AgentSleepError, CheckpointError
+from agentsleep.tasks import TASKS, Task
+
+EXIT_USAGE = 2
+
+
+def checkpoint_task(path: str | Path, **overrides: Any) -> Task:
+    """The task a checkpoint was trained on (``config.json["agentsleep"]``), with knobs optionally overridden.
+
+    Raises:
+        CheckpointError: no readable config.json, or it names no registered task.
+    """
+    cfg_file = Path(path) / "config.json"
+    try:
+        extra = json.loads(cfg_file.read_text()).get("agentsleep") or {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{cfg_file}: not a readable checkpoint config ({e})") from e
+    name, task_cfg = extra.get("task"), extra.get("task_config")
+    if name not in TASKS or not isinstance(task_cfg, dict):
+        raise CheckpointError(f"{cfg_file} names no registered task (was it written by `agentsleep train`?)")
+    spec = TASKS[name]
+    return Task(spec, spec.config_cls.model_validate(task_cfg).with_overrides(**overrides))
+
+
+def score_checkpoint(
+    path: str | Path, passes: list[int] | None = None, *, size: int = 2048, seed: int = 0, **overrides: Any
+) -> dict[int, dict[str, float]]:
+    """Held-out scores of the checkpoint per N (default: the checkpoint's own N)."""
+    from agentsleep.model.hybrid import SleepHybrid
+    from agentsleep.train.trainer import evaluate
+
+    task = checkpoint_task(path, **overrides)
+    model = SleepHybrid.from_pretrained(path)
+    if task.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"{path}: task vocabulary {task.vocab_size} > model vocabulary")
+    batch = task.generate("test", size, seed)
+    return {n: evaluate(model, task, batch, n) for n in (passes or [model.config.passes])}
+
+
+@click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--passes", "-N", multiple=True, type=click.IntRange(min=1), help="Sleep passes N (repeatable) [checkpoint's]."
+)
+@click.option("--size", default=2048, show_default=True, type=click.IntRange(min=1), help="Held-out examples.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the held-out set (split 'test').")
+@click.option("--set", "task_set", multiple=True, help="Task knob override, e.g. --set t=4 (a harder test set).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object {N: scores} instead of a table.")
+def eval_checkpoint(
+    checkpoint: str, passes: tuple[int, ...], size: int, seed: int, task_set: tuple[str, ...], as_json: bool
+) -> None:
+    """Score CHECKPOINT on its task's held-out set (exact match and the task's other metrics) for each N.
+
+    Example: agentsleep eval checkpoints/rule110-w16-t2-n2 -N 1 -N 2 -N 4
+    """
+    from agentsleep.train.cli import parse_overrides
+
+    try:
+        scores = score_checkpoint(checkpoint, list(passes), size=size, seed=seed, **parse_overrides(task_set))
+    except (AgentSleepError, ValueError) as e:  # pydantic's ValidationError is a ValueError: a bad --set
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    if as_json:
+        click.echo(json.dumps({str(n): s for n, s in scores.items()}))
+        return
+    keys = sorted({k for s in scores.values() for k in s}, key=lambda k: (k != "exact", k))
+    rows = [["N", *keys]] + [[str(n), *(f"{s.get(k, float('nan')):.4f}" for k in keys)] for n, s in scores.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.rjust(w) for c, w in zip(r, widths)))
