@@ -29,9 +29,11 @@ rule110() {  # evals/results/rule110_w16_t2_curriculum.md; N=1 ships its best se
 }
 
 depo() {  # evals/results/depo_micro_5k.md; seed 0 of N=1, N=4 and the whole-cache attention baseline
-  $PY -m evals.model --task depo --preset micro --model layout=ag --passes 1 2 4 --seeds 0 1 2 --baselines \
-    --curriculum '0:K=1;300:' --steps 5000 --batch-size 32 --eval-every 250 --eval-size 256 --final-eval-size 2000 \
-    --save-every 1000 --jobs 2 --name depo_micro_5k
+  # (the knobs spelled out are the `micro` preset's, which was named later; the same runs, the same run directory)
+  $PY -m evals.model --task depo --preset toy --set n_max=8 --set K=4 --set M=4 --set mini_vocab=12 --set min_len=1 \
+    --set max_len=1 --set block=16 --set qa_block=16 --set L=16 --model layout=ag --passes 1 2 4 --seeds 0 1 2 \
+    --baselines --curriculum '0:K=1;300:' --steps 5000 --batch-size 32 --eval-every 250 --eval-size 256 \
+    --final-eval-size 2000 --save-every 1000 --jobs 2 --name depo_micro_5k --notes evals/results/notes/depo_micro_5k.md
   ship runs/evals/depo_micro_5k/n1-s0 depo-micro-n1
   ship runs/evals/depo_micro_5k/n4-s0 depo-micro-n4
   ship runs/evals/depo_micro_5k/attn_full-s0 depo-micro-attn-full
@@ -48,8 +50,8 @@ gsm() {  # question last and first: N=1 for 500 steps, then N=1 and N=2 both con
     ship "$r-n1" "gsm-q$pos-n1"
     ship "$r-n2" "gsm-q$pos-n2"
   done
-  # the episodes' full-history baseline: attention only, one window holding a whole problem (192 tokens)
-  $AS train --config evals/configs/gsm_qlast.json --model layout=aaaa --model window=192 \
+  # the episodes' full-history baseline: attention only, one window (256) holding a whole problem and its episode
+  $AS train --config evals/configs/gsm_qlast.json --model layout=aaaa --model window=256 \
     --out runs/checkpoints/gsm-qlast-attn-full --no-progress
   ship runs/checkpoints/gsm-qlast-attn-full gsm-qlast-attn-full
 }
