@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ast
+import multiprocessing as mp
 from pathlib import Path
 
 import agentsleep.store
 
-from .helpers import MP, loaded_higher_layers
+from .helpers import loaded_higher_layers
 
 STORE_DIR = Path(agentsleep.store.__file__).parent
 ALLOWED = {"agentsleep.errors", "agentsleep.model.state"}
@@ -49,6 +50,7 @@ def test_store_imports_only_errors_and_fastweights_from_the_package() -> None:
 
 
 def test_importing_the_store_pulls_in_no_engine() -> None:
-    # in a fresh process (forked from the forkserver, which imported only torch and agentsleep.store)
-    with MP.Pool(1) as pool:
+    # In a fresh interpreter: the forkserver is one per test process, and another test (the episode harness) may have
+    # started it first with the whole stack preloaded.
+    with mp.get_context("spawn").Pool(1) as pool:
         assert pool.apply(loaded_higher_layers) == []
