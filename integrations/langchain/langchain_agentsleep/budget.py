@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from agentsleep.errors import InvalidInput
 from langchain.agents.middleware.types import AgentMiddleware, ModelRequest, ModelResponse
 
 
@@ -23,9 +24,14 @@ class ReplyBudget(AgentMiddleware):
         ctx = request.runtime.context if request.runtime is not None else None
         if not isinstance(ctx, dict) or "max_tokens" not in ctx:
             return handler(request)
-        settings = {**request.model_settings, "max_tokens": int(ctx["max_tokens"])}
-        if ctx.get("stop"):
-            settings["stop"] = [str(ctx["stop"])]
+        n, stop = ctx["max_tokens"], ctx.get("stop")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidInput(f"context max_tokens must be an int >= 0, got {n!r}")
+        if stop is not None and not isinstance(stop, str):
+            raise InvalidInput(f"context stop must be a string, got {stop!r}")
+        settings = {**request.model_settings, "max_tokens": n}
+        if stop:
+            settings["stop"] = [stop]
         return handler(request.override(model_settings=settings))
 
 
