@@ -130,7 +130,10 @@ class SleepWorker:
         Raises only when the store cannot claim or finish the job (`StoreError`); a job that cannot be finished stays
         ``running`` and is taken over once it is stale.
         """
-        job = self.store.claim_job(self.worker_id, stale_after_s=self.stale_after_s)
+        # Only this model's agents: a worker of another checkpoint leaves the job to a worker that can run it.
+        job = self.store.claim_job(
+            self.worker_id, stale_after_s=self.stale_after_s, fingerprint=self.engine.fingerprint
+        )
         if job is None:
             return None
         t0 = time.perf_counter()

@@ -727,11 +727,14 @@ class SnapshotStore:
                 s.flush()
             return SleepJobRecord.from_row(job)
 
-    def claim_job(self, worker_id: str, *, stale_after_s: float | None = None) -> SleepJobRecord | None:
+    def claim_job(
+        self, worker_id: str, *, stale_after_s: float | None = None, fingerprint: str | None = None
+    ) -> SleepJobRecord | None:
         """Claim the oldest pending job (or a running one whose worker went silent for ``stale_after_s``).
 
         Postgres: ``SELECT ... FOR UPDATE SKIP LOCKED``, so any number of workers claim distinct jobs without
         waiting on each other. SQLite: the write transaction (BEGIN IMMEDIATE) serialises claimers instead.
+        ``fingerprint``: only jobs of agents of that model, so workers of different models share one queue.
         Returns None when there is nothing to do.
         """
         _check_agent_id(worker_id)
@@ -739,6 +742,8 @@ class SnapshotStore:
         if stale_after_s is not None:
             cutoff = utcnow() - timedelta(seconds=stale_after_s)
             claimable = claimable | ((SleepJob.status == "running") & (SleepJob.claimed_at < cutoff))
+        if fingerprint is not None:
+            claimable = claimable & SleepJob.agent_id.in_(select(Agent.id).where(Agent.fingerprint == fingerprint))
         with self._write() as s:
             job = s.scalars(
                 select(SleepJob).where(claimable).order_by(SleepJob.id).limit(1).with_for_update(skip_locked=True)

@@ -15,6 +15,16 @@ from agentsleep.store import SleepJobRecord, SnapshotStore
 from .helpers import toy_state
 
 
+def test_claim_by_model_fingerprint(store: SnapshotStore) -> None:
+    store.save("a", toy_state(1))
+    store.save("b", toy_state(2, fingerprint="other-model-fp"))
+    ja, jb = store.enqueue_sleep("a"), store.enqueue_sleep("b")
+    assert store.claim_job("w", fingerprint="no-such-model") is None
+    got = store.claim_job("w", fingerprint="other-model-fp")
+    assert got is not None and got.id == jb.id  # skips the older job of another model
+    assert store.claim_job("w", fingerprint=toy_state(1).fingerprint).id == ja.id
+
+
 def test_enqueue_claim_complete(store: SnapshotStore) -> None:
     r = store.save("a", toy_state(1))
     j = store.enqueue_sleep("a", params={"passes": 4})
