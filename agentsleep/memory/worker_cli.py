@@ -115,49 +115,33 @@ def sleep_worker(
     Prints one line per job. SIGINT / SIGTERM stop the worker after the job in hand.
     """
     try:
-        n = _serve(checkpoint, url, blob_dir, passes, poll_s, once, max_jobs, worker_id, stale_after_s, device)
+        try:
+            engine = TorchEngine.from_pretrained(checkpoint, passes=passes, device=device)
+        except (RuntimeError, ValueError) as e:  # torch: an unknown device; our typed errors pass through
+            if isinstance(e, AgentSleepError):
+                raise
+            raise ConfigError(f"cannot load the checkpoint {checkpoint!r} on device {device!r}: {e}") from e
+        with SnapshotStore(url, blob_dir=blob_dir) as store:
+            worker = SleepWorker(engine, store, worker_id=worker_id, passes=passes, stale_after_s=stale_after_s)
+            click.echo(
+                f"sleep-worker {worker.worker_id}: model {engine.fingerprint} (L={engine.window}, N={engine.passes}), "
+                f"store {store.url}",
+                err=True,
+            )
+            if once:
+                job = worker.run_once()
+                click.echo(_describe(job) if job is not None else "no pending sleep job")
+                return
+            stop = threading.Event()
+            with _stop_on_signals(stop):
+                n = worker.run(poll_s=poll_s, stop=stop, max_jobs=max_jobs, on_job=lambda j: click.echo(_describe(j)))
     except AgentSleepError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(_exit_code(e))
     except OSError as e:  # e.g. an unreadable checkpoint file
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_USAGE)
-    if not once:
-        click.echo(f"{n} job{'s' if n != 1 else ''} processed", err=True)
-
-
-def _serve(
-    checkpoint: str,
-    url: str,
-    blob_dir: str | None,
-    passes: int | None,
-    poll_s: float,
-    once: bool,
-    max_jobs: int | None,
-    worker_id: str | None,
-    stale_after_s: float,
-    device: str,
-) -> int:
-    try:
-        engine = TorchEngine.from_pretrained(checkpoint, passes=passes, device=device)
-    except (RuntimeError, ValueError) as e:  # torch: an unknown device; our typed errors pass through
-        if isinstance(e, AgentSleepError):
-            raise
-        raise ConfigError(f"cannot load the checkpoint {checkpoint!r} on device {device!r}: {e}") from e
-    with SnapshotStore(url, blob_dir=blob_dir) as store:
-        worker = SleepWorker(engine, store, worker_id=worker_id, passes=passes, stale_after_s=stale_after_s)
-        click.echo(
-            f"sleep-worker {worker.worker_id}: model {engine.fingerprint} (L={engine.window}, N={engine.passes}), "
-            f"store {store.url}",
-            err=True,
-        )
-        if once:
-            job = worker.run_once()
-            click.echo(_describe(job) if job is not None else "no pending sleep job")
-            return 0 if job is None else 1
-        stop = threading.Event()
-        with _stop_on_signals(stop):
-            return worker.run(poll_s=poll_s, stop=stop, max_jobs=max_jobs, on_job=lambda j: click.echo(_describe(j)))
+    click.echo(f"{n} job{'s' if n != 1 else ''} processed", err=True)
 
 
 __all__ = ["sleep_worker"]
