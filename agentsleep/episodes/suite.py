@@ -25,11 +25,11 @@ from agentsleep.episodes.drivers import Condition
 from agentsleep.episodes.harness import DriverFactory, Mode, run_condition
 from agentsleep.episodes.report import Score, constant_baseline, markdown_table, paired, plot, score, write_json
 from agentsleep.episodes.types import Episode, EpisodeOutcome
-from agentsleep.errors import ConfigError
-from agentsleep.tasks import TASKS
+from agentsleep.errors import CheckpointError, ConfigError
 from agentsleep.tasks.base import TaskConfig
 from agentsleep.tasks.depo import DepoConfig
 from agentsleep.tasks.gsm import GSMSymbolicConfig
+from agentsleep.train.eval_cli import checkpoint_task, read_config
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +64,11 @@ def read_checkpoint(path: str | Path) -> CheckpointInfo | None:
     """The checkpoint's facts, or None if ``path`` is not a task checkpoint written by ``agentsleep train``."""
     p = Path(path)
     try:
-        cfg = json.loads((p / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        cfg = read_config(p)
+        task = checkpoint_task(p, config=cfg)
+    except CheckpointError:
         return None
-    extra = cfg.get("agentsleep") or {}
-    task, task_cfg = extra.get("task"), extra.get("task_config")
-    if task not in TASKS or not isinstance(task_cfg, dict) or not (p / "tokenizer.json").is_file():
+    if not (p / "tokenizer.json").is_file():
         return None
     exact = None
     if (p / "eval.json").is_file():
@@ -77,8 +76,8 @@ def read_checkpoint(path: str | Path) -> CheckpointInfo | None:
     model = cfg.get("model", cfg)
     return CheckpointInfo(
         path=p,
-        task=task,
-        task_config=TASKS[task].config_cls.model_validate(task_cfg),
+        task=task.name,
+        task_config=task.config,
         passes=int(model.get("passes", 1)),
         layout=str(model.get("layout", "agag")),
         window=int(model.get("window", 0)),

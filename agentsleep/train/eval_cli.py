@@ -20,22 +20,41 @@ from agentsleep.tasks import TASKS, Task
 EXIT_USAGE = 2
 
 
-def checkpoint_task(path: str | Path, **overrides: Any) -> Task:
-    """The task a checkpoint was trained on (``config.json["agentsleep"]``), with knobs optionally overridden.
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``config.json`` as a dict.
 
     Raises:
-        CheckpointError: no readable config.json, or it names no registered task.
+        CheckpointError: missing, unreadable, not UTF-8, not JSON, or not an object.
     """
     cfg_file = Path(path) / "config.json"
     try:
-        extra = json.loads(cfg_file.read_text()).get("agentsleep") or {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{cfg_file}: not a readable checkpoint config ({e})") from e
-    name, task_cfg = extra.get("task"), extra.get("task_config")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_file}: not a JSON object")
+    return cfg
+
+
+def checkpoint_task(path: str | Path, *, config: dict[str, Any] | None = None, **overrides: Any) -> Task:
+    """The task a checkpoint was trained on (``config.json["agentsleep"]``), with knobs optionally overridden.
+
+    ``config``: the already-parsed ``config.json`` (default: read it from ``path``).
+
+    Raises:
+        CheckpointError: no readable config.json, or it names no registered task or an invalid task config.
+    """
+    cfg = read_config(path) if config is None else config
+    extra = cfg.get("agentsleep") or {}
+    name, task_cfg = (extra.get("task"), extra.get("task_config")) if isinstance(extra, dict) else (None, None)
     if name not in TASKS or not isinstance(task_cfg, dict):
-        raise CheckpointError(f"{cfg_file} names no registered task (was it written by `agentsleep train`?)")
+        raise CheckpointError(f"{path}: config.json names no registered task (was it written by `agentsleep train`?)")
     spec = TASKS[name]
-    return Task(spec, spec.config_cls.model_validate(task_cfg).with_overrides(**overrides))
+    try:
+        stored = spec.config_cls.model_validate(task_cfg)
+    except ValueError as e:  # pydantic's ValidationError
+        raise CheckpointError(f"{path}: config.json holds an invalid {name} task config: {e}") from e
+    return Task(spec, stored.with_overrides(**overrides))
 
 
 def score_checkpoint(

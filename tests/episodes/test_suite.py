@@ -28,6 +28,8 @@ def test_find_and_pick(suite: Path, tmp_path: Path) -> None:
     (n4 / "eval.json").write_text(json.dumps({"exact": 0.3}))
     (tmp_path / "depo-n2b").mkdir()
     assert read_checkpoint(tmp_path / "depo-n2b") is None  # not a checkpoint: ignored
+    (tmp_path / "depo-n2b" / "config.json").write_bytes(b"\xff\xfe{")
+    assert read_checkpoint(tmp_path / "depo-n2b") is None  # nor is a garbled config.json
     assert pick_pair(find_checkpoints(suite, tmp_path), "depo")[1].path.name == "depo-n4"
     # A deeper N=1 baseline (e.g. evals.model's "hybrid 2x depth") is not the N=1 of the pair, however it scores.
     deep = build_checkpoint(tmp_path / "depo-2x", depo_task(), 1, seed=10, layout="agagagag")
