@@ -55,6 +55,10 @@ class CheckpointInfo:
     def full_attention(self) -> bool:
         return "g" not in self.layout
 
+    def matches(self, **knobs: Any) -> bool:
+        """Whether the task config has these knob values (e.g. ``question_position="last"``)."""
+        return all(getattr(self.task_config, k, None) == v for k, v in knobs.items())
+
     @property
     def question_position(self) -> str | None:
         return getattr(self.task_config, "question_position", None)
@@ -101,13 +105,7 @@ def pick_pair(
     infos: Sequence[CheckpointInfo], task: str, **match: Any
 ) -> tuple[CheckpointInfo | None, CheckpointInfo | None]:
     """(N=1, best N>1) hybrids for a task whose config matches ``match``; best = highest held-out exact, then N."""
-    pool = [
-        i
-        for i in infos
-        if i.task == task
-        and not i.full_attention
-        and all(getattr(i.task_config, k, None) == v for k, v in match.items())
-    ]
+    pool = [i for i in infos if i.task == task and not i.full_attention and i.matches(**match)]
     more = sorted((i for i in pool if i.passes > 1), key=lambda i: (i.exact or 0.0, i.passes))
     best = more[-1] if more else None
     n1 = [i for i in pool if i.passes == 1]
@@ -118,14 +116,7 @@ def pick_pair(
 
 def pick_full_attention(infos: Sequence[CheckpointInfo], task: str, tokens: int, **match: Any) -> CheckpointInfo | None:
     """An attention-only checkpoint of the task (config matching ``match``) whose window holds ``tokens``."""
-    ok = [
-        i
-        for i in infos
-        if i.task == task
-        and i.full_attention
-        and i.window >= tokens
-        and all(getattr(i.task_config, k, None) == v for k, v in match.items())
-    ]
+    ok = [i for i in infos if i.task == task and i.full_attention and i.window >= tokens and i.matches(**match)]
     return max(ok, key=lambda i: i.exact or 0.0) if ok else None
 
 
