@@ -40,6 +40,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from agentsleep.errors import InvalidInput, SleepFailed, WindowOverflow
+from agentsleep.ids import check_agent_id
 from agentsleep.memory.policy import SleepPolicy
 
 logger = logging.getLogger(__name__)
@@ -359,7 +360,7 @@ class SleepScheduler:
     def notify_turn(self, agent_id: str) -> None:
         """A turn of `agent_id` starts: cancel its pending idle sleep; hold any other pending sleep until
         `turn_finished` (or `max_turn_seconds`). A running sleep is never cancelled."""
-        _check_agent_id(agent_id)
+        check_agent_id(agent_id)
         resolve: list[tuple[_Run, SleepRecord]] = []
         with self._cond:
             if self._closed:
@@ -382,7 +383,7 @@ class SleepScheduler:
         `idle_seconds` is set (and the window is not known to be empty): an idle sleep after `idle_seconds`; a later
         turn cancels it. A sleep held by this turn is released, no earlier than `debounce_seconds` from now.
         """
-        _check_agent_id(agent_id)
+        check_agent_id(agent_id)
         policy = self.policy
         with self._cond:
             if self._closed:
@@ -412,7 +413,7 @@ class SleepScheduler:
         follow-up is queued. Default delay: `debounce_seconds` for threshold, `idle_seconds` for idle, 0 for manual.
         Never raises for a sleep's failure; after `shutdown` it returns an already-cancelled handle.
         """
-        _check_agent_id(agent_id)
+        check_agent_id(agent_id)
         if reason not in ("threshold", "idle", "manual"):
             raise InvalidInput(f"reason must be 'threshold', 'idle' or 'manual', got {reason!r}")
         if delay is None:
@@ -469,7 +470,7 @@ class SleepScheduler:
             SleepFailed: the attempt failed (it is retried in the background per the policy) or did not finish in
                 time (it keeps running). Either way the agent keeps its last good state.
         """
-        _check_agent_id(agent_id)
+        check_agent_id(agent_id)
         timeout = self.policy.sleep_timeout_seconds if timeout is None else timeout
         with self._cond:
             if self._closed:
@@ -913,11 +914,6 @@ class SleepScheduler:
                 )
             self._cond.notify_all()
             return hook, finished
-
-
-def _check_agent_id(agent_id: str) -> None:
-    if not isinstance(agent_id, str) or not agent_id:
-        raise InvalidInput(f"agent_id must be a non-empty str, got {agent_id!r}")
 
 
 def _describe(exc: BaseException) -> str:

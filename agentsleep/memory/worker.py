@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agentsleep.errors import InvalidInput, SnapshotConflict
+from agentsleep.ids import ID_LEN, check_id
 from agentsleep.runtime.engine import Engine, SleepCommit
 from agentsleep.runtime.revive import memory_from_snapshot
 from agentsleep.store import LoadedSnapshot, SleepJobRecord, SnapshotStore
@@ -41,12 +42,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_STALE_AFTER_S = 600.0  # a running job older than this is taken over (there is no heartbeat: keep it > a sleep)
 _MAX_ERROR = 2000  # characters of an error message kept in the job row
-_ID_LEN = 128  # the store's id columns
 
 
 def default_worker_id() -> str:
     """``host:pid:random``: unique per worker, and says where it ran."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"[-_ID_LEN:]
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"[-ID_LEN:]
 
 
 class SleepWorker:
@@ -75,8 +75,7 @@ class SleepWorker:
         stale_after_s: float | None = DEFAULT_STALE_AFTER_S,
     ) -> None:
         wid = default_worker_id() if worker_id is None else worker_id
-        if not isinstance(wid, str) or not wid.strip() or len(wid) > _ID_LEN:
-            raise InvalidInput(f"worker_id must be a non-empty string of at most {_ID_LEN} characters, got {wid!r}")
+        check_id(wid, "worker_id")
         self.engine = engine
         self.store = store
         self.worker_id = wid

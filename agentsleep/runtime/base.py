@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor
 
 from agentsleep.errors import InvalidInput, UnknownAgent, WindowOverflow
+from agentsleep.ids import check_agent_id
 from agentsleep.model.hybrid import SleepHybrid
 from agentsleep.model.state import FastWeights
 from agentsleep.runtime.engine import (
@@ -50,14 +50,6 @@ if TYPE_CHECKING:
     from agentsleep.store import SnapshotStore
 
 logger = logging.getLogger(__name__)
-
-_AGENT_ID = re.compile(r"^\S.{0,127}$", re.DOTALL)  # non-empty, ≤ 128 chars (the store's id column), no leading space
-
-
-def check_agent_id(agent_id: object) -> str:
-    if not isinstance(agent_id, str) or not _AGENT_ID.match(agent_id):
-        raise InvalidInput(f"agent id must be a non-empty str of at most 128 characters, got {agent_id!r}")
-    return agent_id
 
 
 @dataclass(eq=False, kw_only=True)

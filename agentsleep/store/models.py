@@ -28,6 +28,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from agentsleep.ids import ID_LEN  # agent ids are chosen by callers; snapshot ids are 32-char uuid hex
+
 # Stable constraint names, so migrations name the same constraint identically on SQLite and Postgres.
 NAMING_CONVENTION: dict[str, str] = {
     "ix": "ix_%(column_0_label)s",
@@ -37,7 +39,6 @@ NAMING_CONVENTION: dict[str, str] = {
     "pk": "pk_%(table_name)s",
 }
 
-ID_LEN = 128  # agent ids are chosen by callers (user ids, thread ids, uuids); snapshot ids are 32-char uuid hex
 FINGERPRINT_LEN = 128
 
 

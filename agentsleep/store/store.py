@@ -41,11 +41,12 @@ from agentsleep.errors import (
     UnknownAgent,
     UnknownSnapshot,
 )
+from agentsleep.ids import check_agent_id, check_id
 from agentsleep.model.state import FastWeights
 from agentsleep.store import payload as container
 from agentsleep.store.blobs import BlobDir
 from agentsleep.store.engine import Synchronous, make_engine, upgrade, writer
-from agentsleep.store.models import ID_LEN, Agent, SleepJob, Snapshot, utcnow
+from agentsleep.store.models import Agent, SleepJob, Snapshot, utcnow
 from agentsleep.store.records import AgentRecord, LoadedSnapshot, SleepJobRecord, SnapshotRecord
 
 log = logging.getLogger(__name__)
@@ -70,10 +71,7 @@ def _ssm_shapes(state: FastWeights) -> dict[str, list[int]]:
     return {k: v for k, v in state.shapes().items() if k.startswith("ssm.")}
 
 
-def _check_agent_id(agent_id: object) -> str:
-    if not isinstance(agent_id, str) or not agent_id or len(agent_id) > ID_LEN:
-        raise InvalidInput(f"agent id must be a non-empty string of at most {ID_LEN} characters, got {agent_id!r}")
-    return agent_id
+_check_agent_id = check_agent_id
 
 
 class _CurrentParent:
@@ -256,8 +254,8 @@ class SnapshotStore:
             raise InvalidInput(f"passes must be an int >= 1, got {passes!r}")
         if isinstance(tokens_consolidated, bool) or not isinstance(tokens_consolidated, int) or tokens_consolidated < 0:
             raise InvalidInput(f"tokens_consolidated must be an int >= 0, got {tokens_consolidated!r}")
-        if thread_id is not None and (not isinstance(thread_id, str) or len(thread_id) > ID_LEN):
-            raise InvalidInput(f"thread_id must be a string of at most {ID_LEN} characters")
+        if thread_id is not None:
+            check_id(thread_id, "thread_id")
         try:
             meta = json.loads(json.dumps(metadata or {}))
         except (TypeError, ValueError) as e:
@@ -737,7 +735,7 @@ class SnapshotStore:
         ``fingerprint``: only jobs of agents of that model, so workers of different models share one queue.
         Returns None when there is nothing to do.
         """
-        _check_agent_id(worker_id)
+        check_id(worker_id, "worker_id")
         claimable = SleepJob.status == "pending"
         if stale_after_s is not None:
             cutoff = utcnow() - timedelta(seconds=stale_after_s)

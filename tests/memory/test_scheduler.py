@@ -607,7 +607,7 @@ def test_invalid_arguments() -> None:
     with pytest.raises(InvalidInput, match="max_workers"):
         SleepScheduler(job, policy(), max_workers=0)
     with SleepScheduler(job, policy()) as sched:
-        with pytest.raises(InvalidInput, match="agent_id"):
+        with pytest.raises(InvalidInput, match="agent id"):
             sched.schedule("")
         with pytest.raises(InvalidInput, match="delay"):
             sched.schedule("a", delay=-1.0)
