@@ -36,10 +36,13 @@ def save_memory(
     passes: int,
     metadata: dict[str, Any] | None = None,
     thread_id: str | None = None,
+    expect_current: str | None = None,
 ) -> SnapshotRecord:
     """Save ``memory`` as the agent's newest snapshot (parent: its current one) and return the record.
 
     The metadata always carries the counters `memory_from_snapshot` reads back (sleep_count, tokens_seen).
+    ``expect_current``: a compare-and-set on the agent's current snapshot id (`SnapshotStore.save`); raises
+    `SnapshotConflict` and writes nothing when another writer moved the agent on.
     """
     meta = {"sleep_count": memory.sleep_count, "tokens_seen": memory.tokens_seen, **(metadata or {})}
     return store.save(
@@ -51,6 +54,7 @@ def save_memory(
         tokens_consolidated=memory.tokens_consolidated,
         thread_id=thread_id,
         metadata=meta,
+        expect_current=expect_current,
     )
 
 
