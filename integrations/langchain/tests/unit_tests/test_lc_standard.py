@@ -35,6 +35,12 @@ class TestChatSleepHybridStandard(standard.ChatModelUnitTests):  # type: ignore[
         return {"engine": _engine()}  # the standard suite passes max_tokens itself
 
     @property
+    def standard_chat_model_params(self) -> dict[str, Any]:
+        params = dict(super().standard_chat_model_params)
+        params.pop("api_key", None)  # an embedded model has no API key (and unknown arguments are refused)
+        return params
+
+    @property
     def has_tool_calling(self) -> bool:
         return False  # bind_tools accepts tools for create_agent, but the hybrid cannot emit tool calls
 
