@@ -436,6 +436,7 @@ class ChatSleepHybrid(BaseChatModel):
         with slot.lock:
             slot.ledger = None  # unknown until this call has left the window canonical
             slot.head_tokens = head
+            slot.head_ids = tuple(prompt[:head])
             try:
                 if not engine.has_agent(agent):
                     engine.create_agent(agent)
@@ -592,13 +593,16 @@ def _engine_template(engine: Any, tokenizer: tokenizers.Tokenizer) -> ChatTempla
     return ChatTemplate.default_for(tokenizer)
 
 
-def sync_window(engine: Any, codec: ChatCodec, agent_id: str, messages: Sequence[BaseMessage]) -> int:
-    """Make the agent's window hold exactly ``render(messages)`` on top of S, and record it in the ledger.
+def sync_window(
+    engine: Any, codec: ChatCodec, agent_id: str, messages: Sequence[BaseMessage], *, head: Sequence[int] = ()
+) -> int:
+    """Make the agent's window hold exactly ``head + render(messages)`` on top of S, and record it in the ledger.
 
-    Observes only what is missing when the window is a prefix of the rendering, else rebuilds the window from S.
-    The rendering must fit the window (the caller checks). Returns the window's length.
+    ``head``: token ids of a system prompt that is not among ``messages`` (a resumed run knows it only from the
+    snapshot). Observes only what is missing when the window is a prefix of the rendering, else rebuilds the window
+    from S. The rendering must fit the window (the caller checks). Returns the window's length.
     """
-    target = [t for part in codec.render(messages) for t in part]
+    target = [*head, *(t for part in codec.render(messages) for t in part)]
     if len(target) > int(engine.window):
         raise WindowOverflow(f"{len(target)} tokens do not fit the window of {engine.window}")
     slot = _window.slot(engine, agent_id)
@@ -612,13 +616,14 @@ def sync_window(engine: Any, codec: ChatCodec, agent_id: str, messages: Sequence
             window = []
         if len(target) > len(window):
             engine.observe(agent_id, target[len(window) :])
-        head = 0
+        n_head = len(head)
         for m in messages:
             if m.id:
                 break
-            head += len(codec.message_ids(m))
-        slot.ledger = _window.WindowLedger(tuple(m.id for m in messages if m.id), len(target), head)
-        slot.head_tokens = head
+            n_head += len(codec.message_ids(m))
+        slot.ledger = _window.WindowLedger(tuple(m.id for m in messages if m.id), len(target), n_head)
+        slot.head_tokens = n_head
+        slot.head_ids = tuple(target[:n_head])
         return len(target)
 
 

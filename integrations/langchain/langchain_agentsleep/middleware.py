@@ -364,6 +364,7 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
             if ledger is not None and ledger.window_tokens == len(memory.window):
                 meta["window_message_ids"] = list(ledger.message_ids)
                 meta["window_head_tokens"] = ledger.head_tokens
+                meta["head_ids"] = list(memory.window[: ledger.head_tokens])
             return save_memory(
                 store,
                 agent_id,
@@ -503,7 +504,11 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
         if engine is None or scheduler is None:
             return None  # no model call bound this memory (e.g. a served model): nothing to schedule
         agent = self._agent_id(runtime)
-        book = self._book(agent)
+        book = self._book(agent, _thread_id(runtime))
+        adopted: dict[str, Any] = {}
+        if not engine.has_agent(agent):  # a run resumed after the model call (``invoke(None, config)``)
+            adopted = self._enter(agent, book, state)
+            self._resync(agent, book, _merged(state, adopted))
         with book.cond:
             book.in_turn = False
             degraded, book.degraded = book.degraded, False
@@ -519,6 +524,7 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
             window = 0
         handle = scheduler.turn_finished(agent, window_tokens=window)
         update: dict[str, Any] = {
+            **adopted,
             "tokens_since_sleep": window,
             "sleep_pending": handle.run_id if handle is not None and not handle.done() else None,
         }
@@ -564,6 +570,24 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
                     raise
                 self._degrade(agent, book, e)
         return self._adopt(state, book)
+
+    def _resync(self, agent: str, book: _Book, state: Mapping[str, Any]) -> None:
+        """Rebuild a just-revived agent's window from the state, as the interrupted turn's model call had left it.
+
+        So the sleep this turn ends with consolidates the same messages as in a run that was never interrupted. Needs
+        the system prompt's tokens, which the snapshot carries; without them the next model call resyncs instead.
+        """
+        engine, codec = self._eng, self._codec
+        slot = _window.slot(engine, agent)
+        if book.degraded or codec is None or slot.head_ids is None or not engine.has_agent(agent):
+            return
+        messages = _after(state.get("messages", []), state.get("consolidated_through"))
+        if not messages or slot.head_tokens + codec.count(messages) > engine.window:
+            return
+        try:
+            sync_window(engine, codec, agent, messages, head=slot.head_ids)
+        except Exception as e:  # the next model call resyncs; nothing is lost
+            logger.warning("agent %r: rebuilding the window of a resumed turn failed (%s)", agent, e)
 
     def _refuse_too_long(
         self, agent: str, book: _Book, state: Mapping[str, Any], update: Mapping[str, Any]
@@ -638,6 +662,7 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
                 logger.info("agent %r: window of %d tokens holds no known messages; not slept", agent, window)
                 return SleepOutcome(detail={"skipped": "the window does not hold whole, known messages"})
             through = ledger.through
+            head_ids = list(engine.session(agent).window[: ledger.head_tokens])  # the system prompt's tokens
             store = self.store if request.snapshot else None
             expect = self._expect_current(agent) if store is not None else None
 
@@ -659,7 +684,12 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
                     reason="sleep",
                     passes=commit.passes,
                     thread_id=book.thread_id,
-                    metadata={"consolidated_through": through, "run_id": request.run_id, "reason": request.reason},
+                    metadata={
+                        "consolidated_through": through,
+                        "head_ids": head_ids,
+                        "run_id": request.run_id,
+                        "reason": request.reason,
+                    },
                     expect_current=expect,
                 ).id
 
@@ -796,6 +826,12 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
             slot.ledger = _window.WindowLedger(tuple(ids), len(loaded.window), int(meta.get("window_head_tokens", 0)))
         else:
             slot.ledger = None
+        head = meta.get("head_ids")
+        if isinstance(head, list) and all(isinstance(t, int) for t in head):
+            slot.head_ids, slot.head_tokens = tuple(head), len(head)
+        elif loaded.window and "window_head_tokens" in meta:
+            n = int(meta["window_head_tokens"])
+            slot.head_ids, slot.head_tokens = tuple(int(t) for t in loaded.window[:n]), n
         with book.cond:
             book.committed = _Commit(loaded.record.id, meta.get("consolidated_through"), session.sleep_count)
         logger.info("agent %r revived from snapshot %s (seq %d)", agent, loaded.record.id, loaded.record.seq)
