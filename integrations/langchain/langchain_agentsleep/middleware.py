@@ -609,6 +609,9 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
             if n <= limit:
                 continue
             drop.append(m.id)
+            if m is not pending[-1]:  # left by an earlier run that failed on it: just take it out
+                logger.warning("agent %r: removing an earlier message of %d tokens that can never fit", agent, n)
+                continue
             error = MessageTooLong(
                 f"agent {agent!r}: a {m.type} message of {n} tokens cannot fit the model's window: at most {limit} "
                 f"tokens fit beside the system prompt and a reply (L={engine.window}). It was taken out of the "
@@ -664,7 +667,6 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
             through = ledger.through
             head_ids = list(engine.session(agent).window[: ledger.head_tokens])  # the system prompt's tokens
             store = self.store if request.snapshot else None
-            expect = self._expect_current(agent) if store is not None else None
 
             def persist(commit: SleepCommit) -> str | None:
                 if commit.tokens != ledger.window_tokens:
@@ -694,6 +696,7 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
                 ).id
 
             try:
+                expect = self._expect_current(agent) if store is not None else None
                 result = engine.sleep(agent, request.passes, persist=persist)
             except SnapshotConflict as e:
                 # Another process moved this agent on (or this copy never revived it): never overwrite that. Drop the

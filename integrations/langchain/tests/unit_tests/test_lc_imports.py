@@ -8,6 +8,7 @@ EXPECTED_ALL = [
     "ChatCodec",
     "ChatSleepHybrid",
     "ChatTemplate",
+    "MessageTooLong",
     "MissingAgentKey",
     "ReplyBudget",
     "SleepMemory",
