@@ -7,6 +7,7 @@ import langchain_agentsleep
 EXPECTED_ALL = [
     "ChatCodec",
     "ChatSleepHybrid",
+    "ChatSleepServer",
     "ChatTemplate",
     "MessageTooLong",
     "MissingAgentKey",
