@@ -17,7 +17,6 @@ conversation is sent, without ``kv_transfer_params``).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -323,10 +322,6 @@ def _translated(e: Exception) -> Exception:
             return InvalidInput(message)
         return EngineError(f"agentsleep serve answered {e.status_code}: {message}")
     return e
-
-
-def _path_or_none(path: Any) -> str | None:
-    return os.fspath(path) if isinstance(path, str | os.PathLike) else None
 
 
 __all__ = ["ChatSleepServer"]
