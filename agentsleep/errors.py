@@ -35,6 +35,11 @@ class SnapshotMismatch(SnapshotError, ValueError):
     """A well-formed snapshot that belongs to another model (fingerprint, shapes or dtype differ)."""
 
 
+class FingerprintMismatch(SnapshotMismatch):
+    """A state or snapshot of another model: its fingerprint is neither this model's nor one of the legacy fingerprints
+    the same model still answers to. The message names both fingerprints and their rule versions (docs/store.md)."""
+
+
 class UnknownAgent(AgentSleepError, KeyError):
     """No agent with this id exists (in the engine or the store)."""
 
@@ -75,6 +80,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "EngineError",
+    "FingerprintMismatch",
     "InvalidInput",
     "SleepFailed",
     "SnapshotConflict",
