@@ -101,16 +101,23 @@ def mismatch(expected: str, actual: str, subject: str) -> FingerprintMismatch:
     ours = accepted(expected)
     mine = ", also ".join(f"{fp!r} (rule {rule_of(fp)})" for fp in ours)
     theirs = rule_of(actual)
+    known = [RULES.index(rule_of(fp)) for fp in ours if rule_of(fp) in RULES]
     if theirs not in RULES and _RULE_PREFIX.match(actual):
         why = (
             f"fingerprint rule {theirs} is newer than this agentsleep knows (up to {CURRENT_RULE}); upgrade agentsleep "
             "to load it"
         )
+    elif theirs in RULES and known and max(known) < RULES.index(theirs):
+        why = (
+            "this side knows its model only by an older rule's fingerprint and cannot tell whether the model is the "
+            f"same; compare with the model's own `SleepHybrid.fingerprint` (rule {CURRENT_RULE}, which carries the "
+            "model's older fingerprints)"
+        )
     elif theirs in RULES and theirs not in {rule_of(fp) for fp in ours}:
         why = (
-            f"this model has no {theirs} fingerprint (its config uses a value that rule {theirs}'s agentsleep did not "
-            "have), so it computes something else than the model that saved it; revive it with the checkpoint that "
-            "saved it, or start a new agent for this model"
+            f"this model has no {theirs} fingerprint (its config sets a value agentsleep did not have while rule "
+            f"{theirs} was current), so it cannot be the model that saved it; revive it with the checkpoint that saved "
+            "it, or start a new agent for this model"
         )
     else:
         why = (
@@ -201,7 +208,8 @@ def json_float(x: float) -> str:
 
     The digits are the shortest that round-trip (as ``repr``); the layout follows ryu: plain decimals while the
     decimal exponent ``kk`` (value = 0.d1d2... x 10^kk) is in -5 < kk <= 16, else ``d.ddde±x``; integral values keep
-    a ``.0``; NaN and infinities are ``null`` (pydantic's default ``ser_json_inf_nan``).
+    a ``.0``; NaN and infinities are ``null`` (pydantic's default ``ser_json_inf_nan``). Subnormal floats (never in
+    a config) follow ``repr``, which is wrong for them while the FPU flushes denormals (``torch.set_flush_denormal``).
     """
     if math.isnan(x) or math.isinf(x):
         return "null"

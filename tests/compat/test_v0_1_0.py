@@ -6,6 +6,9 @@ else. Keep this file passing in every release (docs/store.md, "Fingerprints").""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -187,3 +190,41 @@ def test_a_model_0_1_0_could_not_have_made_says_so(old_store: SnapshotStore) -> 
     with pytest.raises(FingerprintMismatch, match="no v1 fingerprint") as err:
         old_store.latest("alice", fingerprint=other)
     assert "rule v1" in str(err.value) and "rule v2" in str(err.value)
+
+
+def test_migrate_retries_when_an_old_host_saves_in_between(old_store_url: str) -> None:
+    """Transactional per agent: a save that lands between migrate's load and its save (here by a host still on
+    0.1.0's rule) wins; migrate retries on the new current snapshot."""
+    m = model("hard")
+    raced: list[str] = []
+
+    class Racing(SnapshotStore):
+        def load(self, snapshot_id: str, **kw):  # type: ignore[no-untyped-def]
+            loaded = super().load(snapshot_id, **kw)
+            if loaded.record.agent_id == "alice" and not raced:
+                with SnapshotStore(old_store_url) as other:
+                    old = other.load(snapshot_id)  # v1-tagged, as an old host holds it
+                    raced.append(other.save("alice", old.state, [*old.window, 7], reason="turn").id)
+            return loaded
+
+    with Racing(old_store_url) as store:
+        (result,) = migrate_agents(store, m.fingerprint, agent_ids=["alice"])
+        assert raced and result.action == "migrated" and result.from_snapshot == raced[0]
+        new = store.get(result.snapshot_id)
+        assert new.parent_id == raced[0] and new.window_len == store.get(raced[0]).window_len
+        assert store.agent("alice").fingerprint == V2["hard"]
+
+
+def test_migrate_cli_json_and_errors(old_store_url: str, tmp_path: Path) -> None:
+    runner = CliRunner()
+    base = ["snapshots", "--url", old_store_url, "migrate"]
+    assert runner.invoke(main, [*base, "--help"]).exit_code == 0
+    out = runner.invoke(main, [*base, "--checkpoint", str(CHECKPOINTS / "sliding"), "--json"])
+    assert out.exit_code == 0, out.output
+    rows = {r["agent_id"]: r for r in json.loads(out.stdout)}
+    assert rows["sam"]["action"] == "migrated" and rows["sam"]["new_fingerprint"] == V2["sliding"]
+    assert {rows[a]["action"] for a in ("alice", "bob", "carol")} == {"other-model"}
+    (tmp_path / "empty").mkdir()
+    bad = runner.invoke(main, [*base, "--checkpoint", str(tmp_path / "empty")])
+    assert bad.exit_code == 2 and "error:" in bad.output and "Traceback" not in bad.output
+    assert runner.invoke(main, base).exit_code == 2  # --checkpoint is required
