@@ -35,11 +35,6 @@ class SnapshotMismatch(SnapshotError, ValueError):
     """A well-formed snapshot that belongs to another model (fingerprint, shapes or dtype differ)."""
 
 
-class FingerprintMismatch(SnapshotMismatch):
-    """A state or snapshot of another model: its fingerprint is neither this model's nor one of the legacy fingerprints
-    the same model still answers to. The message names both fingerprints and their rule versions (docs/store.md)."""
-
-
 class UnknownAgent(AgentSleepError, KeyError):
     """No agent with this id exists (in the engine or the store)."""
 
@@ -80,7 +75,6 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "EngineError",
-    "FingerprintMismatch",
     "InvalidInput",
     "SleepFailed",
     "SnapshotConflict",

@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
-from agentsleep.errors import FingerprintMismatch
+from agentsleep.errors import SnapshotMismatch
 
 CURRENT_RULE = "v2"
 RULES = ("v1", "v2")  # every rule this code can compute, oldest first
@@ -95,9 +95,10 @@ def accepts(expected: str, actual: str) -> bool:
     return actual in accepted(expected)
 
 
-def mismatch(expected: str, actual: str, subject: str) -> FingerprintMismatch:
+def mismatch(expected: str, actual: str, subject: str) -> SnapshotMismatch:
     """The error for ``subject`` (e.g. "snapshot 5599..."), made by model ``actual``, offered to model ``expected``:
-    it names both fingerprints with their rule versions and says what to do."""
+    it names both fingerprints with their rule versions and says what to do. (Plain `SnapshotMismatch`, not a
+    subclass: job errors and connector reports print the class name, and tools match on it.)"""
     ours = accepted(expected)
     mine = ", also ".join(f"{fp!r} (rule {rule_of(fp)})" for fp in ours)
     theirs = rule_of(actual)
@@ -124,9 +125,7 @@ def mismatch(expected: str, actual: str, subject: str) -> FingerprintMismatch:
             "they compute different things (other weights, or a config value that changes the forward pass); revive "
             "it with the checkpoint that saved it, or start a new agent (or fork) for this model"
         )
-    return FingerprintMismatch(
-        f"{subject} was made by model {actual!r} (rule {theirs}), not by this model {mine}: {why}"
-    )
+    return SnapshotMismatch(f"{subject} was made by model {actual!r} (rule {theirs}), not by this model {mine}: {why}")
 
 
 # ---------------------------------------------------------------------------------------------------- computing

@@ -254,9 +254,10 @@ def delete_agent(ctx: click.Context, agent_id: str, yes: bool) -> None:
 )
 @click.option("--dry-run", is_flag=True, help="Verify and list what would change; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per agent instead of lines.")
+@click.option("--url", default=None, help="Store database URL (overrides `agentsleep snapshots --url`).")
 @click.pass_context
 @_errors
-def migrate(ctx: click.Context, checkpoints: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
+def migrate(ctx: click.Context, checkpoints: tuple[str, ...], dry_run: bool, as_json: bool, url: str | None) -> None:
     """Re-tag the agents of each CHECKPOINT's model that carry a legacy fingerprint (a "migrate" snapshot per agent).
 
     Agents of other models are left alone. Safe to rerun: migrated agents are current. Exit code 4 if an agent could
@@ -265,6 +266,8 @@ def migrate(ctx: click.Context, checkpoints: tuple[str, ...], dry_run: bool, as_
     """
     from agentsleep.store.migrate import migrate_agents
 
+    if url is not None:
+        ctx.ensure_object(dict)["url"] = url
     try:
         models = [checkpoint_fingerprint(c) for c in checkpoints]
     except CheckpointError as e:

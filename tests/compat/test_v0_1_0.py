@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from agentsleep.cli import main
-from agentsleep.errors import FingerprintMismatch, SnapshotMismatch
+from agentsleep.errors import SnapshotMismatch
 from agentsleep.memory import SleepPolicy
 from agentsleep.memory.host import AgentHost
 from agentsleep.memory.worker import SleepWorker
@@ -168,12 +168,12 @@ def test_migrate_leaves_other_models_alone_and_reports_a_corrupt_agent(old_store
 def test_a_model_that_computes_something_else_is_refused_naming_both_rules(old_store: SnapshotStore) -> None:
     changed = SleepHybrid(HybridConfig(**{**model("hard").config.model_dump(), "window": 12}))
     changed.load_state_dict(model("hard").state_dict())  # same weights, another window: another computation
-    with pytest.raises(FingerprintMismatch) as err:
+    with pytest.raises(SnapshotMismatch) as err:
         TorchEngine(changed).revive("alice", old_store)
     msg = str(err.value)
     assert expected()["agents"]["alice"]["fingerprint"] in msg and changed.fingerprint in msg
     assert "rule v1" in msg and "rule v2" in msg and "checkpoint that saved it" in msg
-    assert isinstance(err.value, SnapshotMismatch)
+    assert type(err.value) is SnapshotMismatch  # the class tools already match on
 
 
 def test_a_model_0_1_0_could_not_have_made_says_so(old_store: SnapshotStore) -> None:
@@ -187,7 +187,7 @@ def test_a_model_0_1_0_could_not_have_made_says_so(old_store: SnapshotStore) -> 
     assert same == m.fingerprint and same.aliases == m.fingerprint.aliases  # a new field at its default: no change
     other = fingerprint_of(Later(**m.config.model_dump(), loop_start=1), m.state_dict())
     assert other.aliases == () and other != m.fingerprint
-    with pytest.raises(FingerprintMismatch, match="no v1 fingerprint") as err:
+    with pytest.raises(SnapshotMismatch, match="no v1 fingerprint") as err:
         old_store.latest("alice", fingerprint=other)
     assert "rule v1" in str(err.value) and "rule v2" in str(err.value)
 
@@ -219,7 +219,8 @@ def test_migrate_cli_json_and_errors(old_store_url: str, tmp_path: Path) -> None
     runner = CliRunner()
     base = ["snapshots", "--url", old_store_url, "migrate"]
     assert runner.invoke(main, [*base, "--help"]).exit_code == 0
-    out = runner.invoke(main, [*base, "--checkpoint", str(CHECKPOINTS / "sliding"), "--json"])
+    args = ["snapshots", "migrate", "--url", old_store_url, "--checkpoint", str(CHECKPOINTS / "sliding"), "--json"]
+    out = runner.invoke(main, args)
     assert out.exit_code == 0, out.output
     rows = {r["agent_id"]: r for r in json.loads(out.stdout)}
     assert rows["sam"]["action"] == "migrated" and rows["sam"]["new_fingerprint"] == V2["sliding"]
