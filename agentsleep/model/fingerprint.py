@@ -50,6 +50,10 @@ NOT_COMPUTATIONAL: frozenset[str] = frozenset(
     {
         "init_std",  # only draws the initial weights; the weights themselves are hashed
         "tie_embeddings",  # tied or not, the forward pass reads embed_tokens.weight and lm_head.weight, both hashed
+        # validation only (fields of the pretrained-import work, issue 12): they decide what a config may be, never
+        # what it computes
+        "check_serving",  # whether construction refuses head sizes vLLM's CPU kernels cannot serve
+        "max_attention_span",  # the span the attention layers were trained on: only bounds the window
     }
 )
 
