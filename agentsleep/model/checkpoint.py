@@ -42,7 +42,10 @@ def hf_config(model: SleepHybrid) -> dict[str, Any]:
         "max_position_embeddings": cfg.window + 1,
         "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": "float32",
-        "fingerprint": model.fingerprint,
+        # the current-rule fingerprint and the legacy ones of the same model (docs/store.md, "Fingerprints"): the vLLM
+        # connector reads them instead of hashing the weights
+        "fingerprint": str(model.fingerprint),
+        "fingerprint_aliases": list(model.fingerprint.aliases),
     }
 
 
@@ -98,6 +101,10 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> SleepHybr
         raise CheckpointError(f"{weights} does not match its config: missing {missing}, unexpected {unexpected}")
     model.to(device).eval()
     fp = model.refresh_fingerprint()
-    if raw.get("fingerprint") not in (None, fp):
-        raise CheckpointError(f"{path}: weights hash to {fp} but config.json records {raw['fingerprint']}; re-save it")
+    recorded = [raw["fingerprint"]] if raw.get("fingerprint") is not None else []  # a 0.1.0 checkpoint records v1
+    recorded += raw.get("fingerprint_aliases") or []
+    if any(r not in fp.accepted for r in recorded):
+        raise CheckpointError(
+            f"{path}: weights hash to {list(fp.accepted)} but config.json records {recorded}; re-save the checkpoint"
+        )
     return model

@@ -15,11 +15,9 @@ Decisions on the points the paper leaves open are in ``docs/model.md``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from agentsleep.errors import CheckpointError, ConfigError, InvalidInput, SnapshotMismatch, WindowOverflow
+from agentsleep.model.fingerprint import Fingerprint, accepts, fingerprint_of, mismatch
 from agentsleep.model.layers import Block, LayerState, PassContext, RMSNorm, shift_keys
 from agentsleep.model.state import FastWeights
 
@@ -121,17 +120,6 @@ class HybridConfig(BaseModel):
         return len(self.layout)
 
 
-def fingerprint_of(config: HybridConfig, tensors: Mapping[str, Tensor]) -> str:
-    """Hash of the config and every weight (float32 bytes): two engines agree on it iff they run the same model."""
-    h = hashlib.sha256(config.model_dump_json().encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
-        h.update(name.encode())
-        h.update(json.dumps(list(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:32]
-
-
 @dataclass
 class WindowCache:
     """Everything that lives only inside the current window during wake decoding (batch of B streams).
@@ -167,7 +155,7 @@ class SleepHybrid(nn.Module):
         for name, p in self.named_parameters():  # residual projections scaled per GPT-2 paper
             if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, config.init_std / math.sqrt(2 * config.n_layers))
-        self._fingerprint: str | None = None
+        self._fingerprint: Fingerprint | None = None
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear | nn.Embedding):
@@ -176,15 +164,26 @@ class SleepHybrid(nn.Module):
     # ------------------------------------------------------------------ identity
 
     @property
-    def fingerprint(self) -> str:
-        """Hash of config + weights, computed once and cached; call `refresh_fingerprint` after changing weights."""
+    def fingerprint(self) -> Fingerprint:
+        """Hash of the weights and the config values that change the computation (rule v2, `model.fingerprint`),
+        computed once and cached; call `refresh_fingerprint` after changing weights. It is a ``str`` that also carries
+        the legacy fingerprints this model answers to (``.aliases``: its v1 fingerprint, if it has one)."""
         if self._fingerprint is None:
             self._fingerprint = fingerprint_of(self.config, self.state_dict())
         return self._fingerprint
 
-    def refresh_fingerprint(self) -> str:
+    def refresh_fingerprint(self) -> Fingerprint:
         self._fingerprint = None
         return self.fingerprint
+
+    @property
+    def fingerprints(self) -> tuple[str, ...]:
+        """Every fingerprint this model answers to: the current one first, then legacy aliases."""
+        return self.fingerprint.accepted
+
+    def accepts(self, fingerprint: str) -> bool:
+        """True if a state or snapshot tagged ``fingerprint`` was made by this model (under any fingerprint rule)."""
+        return accepts(self.fingerprint, fingerprint)
 
     @property
     def device(self) -> torch.device:
@@ -222,12 +221,20 @@ class SleepHybrid(nn.Module):
         return {k: v for k, v in self.init_state(batch).shapes().items() if k.startswith("ssm.")}
 
     def check_state(self, state: FastWeights, batch: int | None = None) -> None:
-        """Raise `SnapshotMismatch` unless ``state`` was made by this model and fits it."""
-        if state.fingerprint != self.fingerprint:
-            raise SnapshotMismatch(f"state belongs to model {state.fingerprint!r}, this model is {self.fingerprint!r}")
+        """Raise `SnapshotMismatch` unless ``state`` was made by this model (any of its `fingerprints`) and fits it."""
+        if not self.accepts(state.fingerprint):
+            raise mismatch(self.fingerprint, state.fingerprint, "state")
         want = self.init_state(batch or state.batch_size)
         if [list(s.shape) for s in state.ssm] != [list(s.shape) for s in want.ssm] or len(state.kv) != len(want.kv):
             raise SnapshotMismatch(f"state shapes {state.shapes()} do not fit this model ({want.shapes()})")
+
+    def adopt_state(self, state: FastWeights, batch: int | None = None) -> FastWeights:
+        """`check_state`, then the same state (tensors shared) tagged with this model's current fingerprint, so that
+        whatever is computed and saved from it carries the current rule (a legacy-tagged snapshot moves on)."""
+        self.check_state(state, batch)
+        if state.fingerprint is self.fingerprint:
+            return state
+        return replace(state, fingerprint=self.fingerprint)
 
     # ------------------------------------------------------------------ one pass, one window
 

@@ -57,6 +57,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec
 from vllm.v1.request import RequestStatus
 
 from agentsleep.errors import AgentSleepError, ConfigError, InvalidInput
+from agentsleep.model.fingerprint import recorded_fingerprint
 from agentsleep.model.state import FastWeights
 from agentsleep.serving.pages import Header, compute_header, read_ssm, write_conv, write_ssm
 from agentsleep.serving.params import AgentParams
@@ -148,7 +149,7 @@ def _zero_state(vllm_config: VllmConfig) -> FastWeights:
     hf = vllm_config.model_config.hf_text_config
     n_gdn = sum(t == "linear_attention" for t in hf.layer_types)
     shape = (1, hf.linear_num_value_heads, hf.linear_key_head_dim, hf.linear_value_head_dim)
-    fingerprint = hf.fingerprint or reference_model(vllm_config.model_config.model).fingerprint
+    fingerprint = recorded_fingerprint(hf) or reference_model(vllm_config.model_config.model).fingerprint
     return FastWeights(ssm=[torch.zeros(shape) for _ in range(n_gdn)], fingerprint=fingerprint)
 
 
@@ -197,8 +198,9 @@ class FastWeightConnector(KVConnectorBase_V1, SupportsHMA):
             raise ConfigError(f"{CONNECTOR_NAME} needs prefix caching off (--no-enable-prefix-caching): with it vLLM "
                               "keeps per-block recurrent states the connector does not manage")  # fmt: skip
         self._model_path = vllm_config.model_config.model
-        # config.json records the fingerprint (SleepHybrid.save_pretrained); hashing the weights is the fallback.
-        self._fingerprint: str = vllm_config.model_config.hf_text_config.fingerprint or (
+        # config.json records the fingerprint and its legacy aliases (SleepHybrid.save_pretrained); hashing the weights
+        # is the fallback (a checkpoint saved before fingerprint rule v2 records only its v1 fingerprint).
+        self._fingerprint: str = recorded_fingerprint(vllm_config.model_config.hf_text_config) or (
             reference_model(self._model_path).fingerprint
         )
         self._store = _open_store(vllm_config)

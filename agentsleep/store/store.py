@@ -42,6 +42,7 @@ from agentsleep.errors import (
     UnknownSnapshot,
 )
 from agentsleep.ids import check_agent_id, check_id
+from agentsleep.model.fingerprint import accepted, accepts, mismatch
 from agentsleep.model.state import FastWeights
 from agentsleep.store import payload as container
 from agentsleep.store.blobs import BlobDir
@@ -280,10 +281,9 @@ class SnapshotStore:
                     f"expected {expect_current!r}; nothing was saved (reload its latest snapshot and redo the work)"
                 )
             if agent.fingerprint != fingerprint:
-                raise SnapshotMismatch(
-                    f"agent {agent_id!r} belongs to model {agent.fingerprint!r}, but this state was made by "
-                    f"{fingerprint!r}; use a new agent id (or fork) for another model"
-                )
+                if not accepts(fingerprint, agent.fingerprint):
+                    raise mismatch(fingerprint, agent.fingerprint, f"agent {agent_id!r}")
+                agent.fingerprint = str(fingerprint)  # a legacy tag of the same model: the agent moves to the current
             if agent.state_shapes != shapes:
                 raise SnapshotMismatch(
                     f"agent {agent_id!r} has state shapes {agent.state_shapes}, this state has {shapes}"
@@ -431,11 +431,8 @@ class SnapshotStore:
         shapes: dict[str, list[int]] | None,
         device: torch.device | str,
     ) -> LoadedSnapshot:
-        if fingerprint is not None and record.fingerprint != fingerprint:
-            raise SnapshotMismatch(
-                f"snapshot {record.id} was made by model {record.fingerprint!r}, not by {fingerprint!r}; "
-                "load it with the checkpoint that produced it"
-            )
+        if fingerprint is not None and not accepts(fingerprint, record.fingerprint):
+            raise mismatch(fingerprint, record.fingerprint, f"snapshot {record.id}")
         data = self._payload_bytes(record, inline, path)
         if len(data) != record.byte_size:
             raise SnapshotCorrupt(
@@ -445,11 +442,12 @@ class SnapshotStore:
             raise SnapshotCorrupt(f"snapshot {record.id} payload fails its sha256 check: the stored bytes are damaged")
         try:
             dec = container.decode(data)  # its content checksum also catches a hand-"repaired" row sha256
-            state = FastWeights.from_bytes(dec.state_bytes, fingerprint=fingerprint, shapes=shapes, device=device)
+            state = FastWeights.from_bytes(dec.state_bytes, shapes=shapes, device=device)
         except SnapshotCorrupt as e:
             raise SnapshotCorrupt(f"snapshot {record.id}: {e}") from e
         if dec.fingerprint != record.fingerprint or state.fingerprint != record.fingerprint:
             raise SnapshotCorrupt(f"snapshot {record.id}: payload fingerprint disagrees with its row")
+        state.fingerprint = fingerprint or state.fingerprint  # the caller's model (a legacy tag is saved as current)
         if len(dec.window) != record.window_len:
             raise SnapshotCorrupt(f"snapshot {record.id}: payload window length disagrees with its row")
         return LoadedSnapshot(record=record, state=state, window=dec.window)
@@ -741,7 +739,9 @@ class SnapshotStore:
             cutoff = utcnow() - timedelta(seconds=stale_after_s)
             claimable = claimable | ((SleepJob.status == "running") & (SleepJob.claimed_at < cutoff))
         if fingerprint is not None:
-            claimable = claimable & SleepJob.agent_id.in_(select(Agent.id).where(Agent.fingerprint == fingerprint))
+            claimable = claimable & SleepJob.agent_id.in_(
+                select(Agent.id).where(Agent.fingerprint.in_(accepted(fingerprint)))
+            )
         with self._write() as s:
             job = s.scalars(
                 select(SleepJob).where(claimable).order_by(SleepJob.id).limit(1).with_for_update(skip_locked=True)
