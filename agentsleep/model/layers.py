@@ -330,7 +330,7 @@ class SparseMoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [n, d]
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # [n, E]
+        probs = F.softmax(_up(self.gate(x)), dim=-1)  # [n, E], float32 at least
         weights, chosen = probs.topk(self.top_k, dim=-1)  # [n, k]
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
