@@ -194,9 +194,10 @@ def moe_reference(x: Tensor, w: Weights, *, n_experts: int, top_k: int, norm_top
     (``shared_expert.*``) scaled by sigmoid(``shared_expert_gate``) if present. Returns [B, T, d]."""
 
     def swiglu(u: Tensor, prefix: str) -> Tensor:
-        return _linear(_silu(_linear(u, w, f"{prefix}.gate_proj")) * _linear(u, w, f"{prefix}.up_proj"), w, f"{prefix}.down_proj")
+        hidden = _silu(_linear(u, w, f"{prefix}.gate_proj")) * _linear(u, w, f"{prefix}.up_proj")
+        return _linear(hidden, w, f"{prefix}.down_proj")
 
-    B, T, d = x.shape
+    B, T, _ = x.shape
     out = torch.zeros_like(x)
     for b in range(B):
         for t in range(T):
@@ -204,7 +205,7 @@ def moe_reference(x: Tensor, w: Weights, *, n_experts: int, top_k: int, norm_top
             logits = _linear(u, w, "gate")
             p = torch.exp(logits - logits.max())
             p = p / p.sum()
-            order = sorted(range(n_experts), key=lambda e: -float(p[e]))[:top_k]
+            order = sorted(range(n_experts), key=lambda e: -p[e].item())[:top_k]
             total = sum(float(p[e]) for e in order) if norm_topk else 1.0
             for e in order:
                 out[b, t] += (p[e] / total) * swiglu(u, f"experts.{e}")

@@ -77,7 +77,7 @@ def test_attention_variants(case: str) -> None:
     mask = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T).clone()
     mask[1, :, 0] = False  # a masked key
     mask[1, 0, 0] = True
-    out, (k, v) = attn(x, pos, mask)
+    out, (k, _) = attn(x, pos, mask)
     ref = attention_reference(
         x, w, pos, mask, n_heads=c.attn_heads, n_kv=c.attn_kv_heads, head_dim=c.attn_head_dim,
         rotary_dim=c.rotary_dim or c.attn_head_dim, theta=c.rope_theta, qk_norm=c.qk_norm, norm_eps=c.norm_eps,
@@ -127,7 +127,7 @@ def test_mixture_of_experts(shared: int, norm_topk: bool) -> None:
         moe_shared_intermediate_size=shared, moe_norm_topk=norm_topk, attn_heads=2, attn_head_dim=16,
     )  # fmt: skip
     moe = SparseMoE(c).double()
-    w = _randomise(moe, 3)
+    w = {k: v.detach() for k, v in _randomise(moe, 3).items()}
     x = torch.randn(2, 6, c.d_model, dtype=torch.float64)
     out = moe(x)
     assert _rel(out, moe_reference(x, w, n_experts=5, top_k=2, norm_topk=norm_topk)) < 1e-12
