@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from torch.utils.checkpoint import checkpoint
 from agentsleep.errors import CheckpointError, ConfigError, InvalidInput, SnapshotMismatch, WindowOverflow
 from agentsleep.model.layers import Block, LayerState, PassContext, RMSNorm, shift_keys
 from agentsleep.model.state import FastWeights
+
+logger = logging.getLogger(__name__)
 
 SERVABLE_GDN_HEAD_DIMS = (64, 128)  # vLLM's CPU GDN kernel accepts only these (spec/vllm-cpu.md §3.2)
 MIN_ATTN_HEAD_DIM = 32  # smallest head size of vLLM's CPU attention backend (spec/vllm-cpu.md §2.2)
@@ -174,10 +177,11 @@ class HybridConfig(BaseModel):
                 f"loop={tuple(self.loop)} must be a block range [start, end) with 0 ≤ start < end ≤ {n} (this model "
                 f"has {n} blocks, layout {self.layout!r})"
             )
-        if self.max_attention_span is not None and self.window + 1 > self.max_attention_span:
+        if self.max_attention_span is not None and self.attention_span > self.max_attention_span:
+            bos = int(self.attention_span > self.window)
             raise ConfigError(
-                f"window L={self.window} (+1 for BOS) exceeds the {self.max_attention_span} tokens the attention "
-                f"layers were trained on; use window ≤ {self.max_attention_span - 1}"
+                f"a window of L={self.window} tokens{' + BOS' if bos else ''} exceeds the {self.max_attention_span} "
+                f"tokens the attention layers were trained on; use window ≤ {self.max_attention_span - bos}"
             )
         return self
 
@@ -201,6 +205,11 @@ class HybridConfig(BaseModel):
                 f"got d_k={self.gdn_head_dim}, d_v={self.gdn_v_head_dim}"
             )
         return problems
+
+    @property
+    def attention_span(self) -> int:
+        """The most tokens one query can attend to: L (+ BOS, which opens every window under hard eviction)."""
+        return self.window + int(self.bos_token_id is not None and self.eviction == "hard")
 
     @property
     def mlp_kinds(self) -> str:
@@ -263,6 +272,7 @@ class SleepHybrid(nn.Module):
             if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, config.init_std / math.sqrt(2 * config.n_layers))
         self._fingerprint: str | None = None
+        self.source_dir: Path | None = None  # the directory it was loaded from (its tokenizer files travel along)
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear | nn.Embedding):
@@ -645,11 +655,51 @@ class SleepHybrid(nn.Module):
         return save_checkpoint(self, path, extra_config)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, device: torch.device | str = "cpu") -> SleepHybrid:
-        """Load a checkpoint directory written by `save_pretrained` (or by `agentsleep train`)."""
-        from agentsleep.model.checkpoint import load_checkpoint
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        for_serving: bool = False,
+        **overrides: Any,
+    ) -> SleepHybrid:
+        """Load a checkpoint directory: one written by `save_pretrained` (or `agentsleep train`), or a Hugging Face
+        one of a supported family (``qwen3_5_text``, ``qwen3_5``, ``qwen3_next``, ``qwen3``, ``qwen2``; see
+        docs/pretrained.md).
 
-        model = load_checkpoint(Path(path), device)
+        Args:
+            device: where the weights go.
+            dtype: e.g. ``torch.bfloat16`` to halve memory; default: as stored.
+            for_serving: refuse (`ConfigError`) a model vLLM's kernels cannot serve (`HybridConfig.serving_problems`);
+                otherwise such a model loads and only the problems are logged.
+            overrides: HybridConfig fields, e.g. ``window`` (L), ``passes`` (N), ``eviction``, ``loop=(start, end)``
+                (only those blocks repeat in sleep passes 2..N), plus ``insert_memory=[i, ...]`` (a fresh GDN memory
+                layer without MLP after each listed block, zero output at insertion). Indices count the blocks of the
+                directory being loaded.
+
+        Raises:
+            CheckpointError: missing/unreadable files, unsupported ``model_type``, weights that do not fit the config.
+            ConfigError: overrides that do not fit the model (a window beyond its trained span, a bad loop range),
+                or ``for_serving`` and unservable head sizes.
+            InvalidInput: an unknown override.
+        """
+        from agentsleep.model.checkpoint import MODEL_TYPE, load_checkpoint, read_config
+
+        path = Path(path)
+        raw = read_config(path)
+        if raw.get("model_type") in (MODEL_TYPE, None):
+            model = load_checkpoint(path, device, overrides=overrides, dtype=dtype)
+        else:
+            from agentsleep.model.hf.loader import load_hf
+
+            model = load_hf(path, raw, overrides=overrides, dtype=dtype, device=device)
+            model.source_dir = path
         if not isinstance(model, cls):
             raise CheckpointError(f"{path} does not hold a {cls.__name__}")
+        problems = model.config.serving_problems()
+        if problems and for_serving:
+            raise ConfigError(f"{path} cannot be served by vLLM: " + "; ".join(problems))
+        for p in problems:
+            logger.warning("%s: %s (fine for TorchEngine; vLLM would refuse it)", path, p)
         return model

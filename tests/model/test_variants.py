@@ -132,3 +132,17 @@ def test_mixture_of_experts(shared: int, norm_topk: bool) -> None:
     out = moe(x)
     assert _rel(out, moe_reference(x, w, n_experts=5, top_k=2, norm_topk=norm_topk)) < 1e-12
     assert ("shared_expert_gate.weight" in w) == bool(shared)
+
+
+@pytest.mark.parametrize("rotary_dim", [32, 8], ids=["full", "partial"])
+def test_shift_keys_moves_rotated_keys_to_another_frame(rotary_dim: int) -> None:
+    """Sliding eviction re-rotates retained keys by −(window slots): rotating at p then shifting by o == rotating at
+    p + o, for partial RoPE too (the unrotated dims stay put)."""
+    from agentsleep.model.layers import shift_keys
+
+    k = torch.randn(1, 2, 5, 32, dtype=torch.float64)
+    pos = torch.arange(5)[None] + 7
+    cos, sin = rope_cos_sin(pos, rotary_dim, 1000.0, torch.float64)
+    cos2, sin2 = rope_cos_sin(pos - 7, rotary_dim, 1000.0, torch.float64)
+    shifted = shift_keys(apply_rope(k, cos[:, None], sin[:, None]), -7, rotary_dim, 1000.0)
+    assert _rel(shifted, apply_rope(k, cos2[:, None], sin2[:, None])) < 1e-12
