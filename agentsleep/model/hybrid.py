@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from agentsleep.errors import CheckpointError, ConfigError, InvalidInput, SnapshotMismatch, WindowOverflow
-from agentsleep.model.layers import Block, LayerState, PassContext, RMSNorm, shift_keys
+from agentsleep.model.layers import Block, LayerState, PassContext, RMSNorm, building_on_meta, shift_keys
 from agentsleep.model.state import FastWeights
 
 logger = logging.getLogger(__name__)
@@ -261,16 +261,21 @@ class SleepHybrid(nn.Module):
     def __init__(self, config: HybridConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        if building_on_meta():  # skip nn.Embedding's normal_ init: the weights are about to be loaded
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model, _weight=torch.empty(0).new_empty(
+                config.vocab_size, config.d_model))  # fmt: skip
+        else:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, kind, mlp) for kind, mlp in zip(config.layout, config.mlp_kinds))
         self.norm = RMSNorm(config.d_model, config.norm_eps, config.norm_offset)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # residual projections scaled per GPT-2 paper
-            if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, 0.0, config.init_std / math.sqrt(2 * config.n_layers))
+        if not self.embed_tokens.weight.is_meta:  # on meta, weights are about to be loaded: no init work
+            self.apply(self._init_weights)
+            for name, p in self.named_parameters():  # residual projections scaled per GPT-2 paper
+                if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
+                    nn.init.normal_(p, 0.0, config.init_std / math.sqrt(2 * config.n_layers))
         self._fingerprint: str | None = None
         self.source_dir: Path | None = None  # the directory it was loaded from (its tokenizer files travel along)
 

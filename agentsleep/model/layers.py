@@ -29,6 +29,12 @@ if TYPE_CHECKING:
     from agentsleep.model.hybrid import HybridConfig
 
 
+def building_on_meta() -> bool:
+    """Whether modules are being built under ``torch.device("meta")`` (to receive loaded weights): random init there
+    is wasted work, and its first call costs seconds (it imports torch's Python reference kernels)."""
+    return torch.empty(0).device.type == "meta"
+
+
 def _up(x: Tensor) -> Tensor:
     """Upcast half precision to float32 for reductions; leave float32/float64 alone (float64 tests need it)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -215,10 +221,13 @@ class GatedDeltaNet(nn.Module):
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, kernel_size=cfg.conv_size, groups=self.conv_dim, bias=False
         )
-        # Mamba2-style init (paper.md §2.2): A ~ U[1, 16]; dt ∈ [1e-3, 1e-1] log-uniform, stored as softplus⁻¹(dt).
-        self.A_log = nn.Parameter(torch.empty(self.h_v).uniform_(1, 16).log())
-        dt = torch.exp(torch.empty(self.h_v).uniform_(math.log(1e-3), math.log(1e-1)))
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus (pytorch issue #72759)
+        if building_on_meta():  # shapes only, the weights are about to be loaded (no init work)
+            self.A_log, self.dt_bias = nn.Parameter(torch.empty(self.h_v)), nn.Parameter(torch.empty(self.h_v))
+        else:
+            # Mamba2-style init (paper.md §2.2): A ~ U[1, 16]; dt ∈ [1e-3, 1e-1] log-uniform, stored as softplus⁻¹(dt).
+            self.A_log = nn.Parameter(torch.empty(self.h_v).uniform_(1, 16).log())
+            dt = torch.exp(torch.empty(self.h_v).uniform_(math.log(1e-3), math.log(1e-1)))
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus (pytorch issue #72759)
         self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
         self.dt_bias._no_weight_decay = True  # type: ignore[attr-defined]
         self.norm = GatedRMSNorm(self.d_v, cfg.norm_eps)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -93,8 +94,44 @@ def weight_files(path: Path) -> tuple[list[Path], set[str] | None]:
     )
 
 
-def hf_tensors(path: Path, family: Family) -> Iterator[tuple[str, Tensor]]:
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+CHUNK_BYTES = 64 << 20  # dtype conversion maps this much of a tensor at a time
+
+
+def _header(file: Path) -> tuple[dict[str, Any], int]:
+    """The safetensors header (name -> dtype, shape, data_offsets) and where the data starts: an 8-byte little-endian
+    length, then that much JSON (huggingface/safetensors, "Format")."""
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    return header, 8 + n
+
+
+def _read_as(fh: Any, begin: int, end: int, src: torch.dtype, shape: list[int], dtype: torch.dtype) -> Tensor:
+    """One tensor's bytes [begin, end) of the open file ``fh``, converted to ``dtype`` a window at a time: each window
+    is mapped, converted and unmapped, so memory holds the converted tensor plus one window, never the source (a
+    whole-file map would keep every source page resident until the last tensor is read)."""
+    out = torch.empty(shape, dtype=dtype).reshape(-1)
+    size = torch.empty((), dtype=src).element_size()
+    step = max(size, CHUNK_BYTES // size * size)
+    done = 0
+    for pos in range(begin, end, step):
+        n = min(step, end - pos)
+        base = pos - pos % mmap.ALLOCATIONGRANULARITY
+        window = mmap.mmap(fh.fileno(), length=pos + n - base, offset=base, access=mmap.ACCESS_COPY)
+        chunk = torch.frombuffer(window, dtype=src, count=n // size, offset=pos - base)
+        out[done : done + n // size] = chunk
+        done += n // size
+        del chunk
+        window.close()
+    return out.reshape(shape)
+
+
+def hf_tensors(path: Path, family: Family, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
     """``(our name, tensor)`` for every tensor the model uses, shard by shard (vision/MTP tensors skipped).
+
+    Tensors already in ``dtype`` (or all, if None) come straight from the file's memory map (no copy: pages are read
+    on first use and shared with the page cache); the others are read and converted chunk by chunk.
 
     Raises:
         CheckpointError: a shard that cannot be read, or tensors the index promises but no shard holds.
@@ -103,14 +140,22 @@ def hf_tensors(path: Path, family: Family) -> Iterator[tuple[str, Tensor]]:
     seen: set[str] = set()
     for file in files:
         try:
-            with safe_open(str(file), framework="pt") as f:
+            header, start = _header(file)
+            with safe_open(str(file), framework="pt") as f, open(file, "rb") as fh:
                 for key in f.keys():
                     seen.add(key)
                     ours = family.our_name(key)
-                    if ours is not None:
+                    if ours is None:
+                        continue
+                    info = header[key]
+                    src = SAFETENSORS_DTYPES.get(info["dtype"])
+                    if dtype is None or src is None or src == dtype:
                         yield ours, f.get_tensor(key)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{file} could not be read ({e}); download it again") from e
+                    else:
+                        begin, end = info["data_offsets"]
+                        yield ours, _read_as(fh, start + begin, start + end, src, info["shape"], dtype)
+        except (SafetensorError, OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{file} could not be read ({type(e).__name__}: {e}); download it again") from e
     if promised is not None and promised - seen:
         lost = sorted(promised - seen)
         raise CheckpointError(f"{path}: {len(lost)} tensors named in {INDEX_FILE} are in no shard, e.g. {lost[:3]}")
@@ -131,7 +176,8 @@ def load_hf(
     dtype = dtype or stored_dtype(raw, family)
     logger.info("importing %s checkpoint %s (%d blocks, layout %s)", family.name, path, len(fields["layout"]),
                 fields["layout"])  # fmt: skip
-    return build(fields, hf_tensors(path, family), overrides=overrides, dtype=dtype, device=device, source=str(path))
+    tensors = hf_tensors(path, family, dtype)
+    return build(fields, tensors, overrides=overrides, dtype=dtype, device=device, source=str(path))
 
 
 __all__ = ["FAMILIES", "SUPPORTED_MODEL_TYPES", "family_of", "hf_fields", "hf_tensors", "load_hf", "weight_files"]
