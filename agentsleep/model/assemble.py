@@ -120,8 +120,13 @@ def build(
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, Tensor] = {}
     for name, t in tensors:
-        if insert and name.startswith("layers."):
+        if name.startswith("layers."):
             idx, rest = name[len("layers.") :].split(".", 1)
+            if not idx.isdigit() or int(idx) >= n_old:
+                raise CheckpointError(
+                    f"{source}: tensor {name!r} belongs to a block beyond the {n_old} that config.json declares: the "
+                    "config and the weights do not belong together"
+                )
             name = f"layers.{old_to_new[int(idx)]}.{rest}"
         if dtype is None and t.is_floating_point():
             dtype = t.dtype

@@ -235,6 +235,10 @@ def test_typed_errors_say_what_to_do(ckpts, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="RoPE type 'yarn'"):
         rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
         SleepHybrid.from_pretrained(_edit_config(path, tmp_path / "yarn", rope_parameters=rope))
+    fewer = _edit_config(path, tmp_path / "fewer", num_hidden_layers=3, layer_types=["linear_attention"] * 3)
+    for extra in ({}, {"insert_memory": [0]}):  # the checkpoint's block 3 has no place in a 3-block config
+        with pytest.raises(CheckpointError, match=r"'layers\.3\..*beyond the 3 that config\.json declares"):
+            SleepHybrid.from_pretrained(fewer, **extra)
     with pytest.raises(ConfigError, match=r"loop=\(2, 9\).*4 blocks"):
         SleepHybrid.from_pretrained(path, loop=(2, 9))
     with pytest.raises(ConfigError, match="exceeds the 64 tokens"):
