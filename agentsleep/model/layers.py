@@ -161,8 +161,8 @@ class WindowAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_cos_sin(positions, self.rotary_dim, self.theta, _up(q).dtype)  # [B, T, R]
         q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        if past is not None:  # (a restored snapshot holds float32 K/V; a bf16 model computes in bf16)
+            k, v = torch.cat([past[0].to(k.dtype), k], dim=2), torch.cat([past[1].to(v.dtype), v], dim=2)
         rep = self.n_heads // self.n_kv
         kk, vv = (k, v) if rep == 1 else (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
         y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[:, None])  # [B, H, T, D]
