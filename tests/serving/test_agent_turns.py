@@ -17,7 +17,8 @@ from agentsleep.model.state import FastWeights
 from agentsleep.runtime import TextCodec
 from agentsleep.serving.params import AgentParams, ConnectorParams
 from agentsleep.serving.resident import state_key
-from agentsleep.serving.server import AgentTurns, Turn, http_error
+from agentsleep.serving.server import http_error
+from agentsleep.serving.turns import AgentTurns, Turn
 from agentsleep.store import SnapshotStore
 
 from .helpers import BOS, WINDOW, make_model, make_tokenizer, noise_state, rand_tokens

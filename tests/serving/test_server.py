@@ -205,8 +205,9 @@ def test_bad_input_gets_clear_errors_and_the_server_keeps_serving(server: Server
         with pytest.raises(openai.BadRequestError, match=match):
             _complete(client, bad, [5], 2, restore=False)
     assert not any(a.id.strip() != a.id or len(a.id) > 128 for a in engine.states.agents())  # none was stored
-    status, body = server.post("/v1/completions", {"model": MODEL, "prompt": "w5 w6", "max_tokens": 2,
-                                                   "kv_transfer_params": {"agent_id": "srv-x", "restore": False}})  # fmt: skip
+    plain = {"model": MODEL, "prompt": "w5 w6", "max_tokens": 2, "kv_transfer_params": {"agent_id": "srv-x",
+                                                                                         "restore": False}}  # fmt: skip
+    status, body = server.post("/v1/completions", plain)
     assert status == 200 and body["kv_transfer_params"]["window_tokens"] == 4  # plain HTTP works too
     assert "token_ids" not in body["choices"][0]  # only when asked for
 
