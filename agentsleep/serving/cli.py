@@ -17,6 +17,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from agentsleep.errors import ConfigError
 from agentsleep.model.checkpoint import read_config
 from agentsleep.runtime.text import TOKENIZER_FILE
 from agentsleep.serving.server import SERVE_ENV_PREFIX
-from agentsleep.serving.settings import ENV_DEFAULTS, SERVE_PID_ENV, kv_transfer_config, on_gpu
+from agentsleep.serving.settings import ENV_DEFAULTS, SERVE_PID_ENV, apply_env_defaults, kv_transfer_config, on_gpu
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ def server_command(
     conflict_retries: int = 3,
     gpu: bool | None = None,
     extra: tuple[str, ...] = (),
+    environ: Mapping[str, str] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The API-server command line and the environment additions for serving ``checkpoint``.
 
@@ -168,7 +170,9 @@ def server_command(
     tok = tokenizer_dir(checkpoint)
     cmd += ["--tokenizer", str(tok)] if tok is not None else ["--skip-tokenizer-init"]
     cmd += list(extra)
-    env = dict(ENV_DEFAULTS)
+    # vLLM's CPU settings: the caller's win over our defaults (settings.apply_env_defaults)
+    caller = os.environ if environ is None else environ
+    env = apply_env_defaults({k: caller[k] for k in (*ENV_DEFAULTS, "OMP_NUM_THREADS") if k in caller}, cpu=not gpu)
     env.update(
         {
             f"{SERVE_ENV_PREFIX}CHECKPOINT": str(checkpoint),
@@ -252,9 +256,6 @@ def serve(
         )
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    for key, value in env.items():
-        if key in ENV_DEFAULTS:
-            env[key] = os.environ.get(key, value)  # the caller's vLLM settings win over our defaults
     if dry_run:
         click.echo(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()))
         click.echo(shlex.join(cmd))

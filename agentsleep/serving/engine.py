@@ -57,6 +57,7 @@ from agentsleep.serving.resident import state_key
 from agentsleep.serving.settings import (
     DEFAULT_KV_CACHE_BYTES,
     apply_env_defaults,
+    bound_cpus,
     kv_transfer_config,
     on_gpu,
     require_vllm,
@@ -163,6 +164,12 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
         gpu = on_gpu()
         if kv_cache_memory_bytes is None and not gpu:
             kv_cache_memory_bytes = DEFAULT_KV_CACHE_BYTES
+        threads = bound_cpus(os.environ["VLLM_CPU_OMP_THREADS_BIND"])
+        if not gpu and threads is not None and torch.get_num_threads() != threads:
+            # vLLM pins its OpenMP threads to the bound CPUs but keeps torch's thread count: more threads than CPUs
+            # spin against each other (settings.apply_env_defaults)
+            logger.info("torch threads %d -> %d (VLLM_CPU_OMP_THREADS_BIND)", torch.get_num_threads(), threads)
+            torch.set_num_threads(threads)
         kwargs: dict[str, Any] = {
             "model": str(self.path),
             "skip_tokenizer_init": True,

@@ -227,9 +227,16 @@ class AgentMemoryMiddleware:
         store = SnapshotStore(settings.store_url, blob_dir=settings.blob_dir)
         self.turns = AgentTurns(model, store, codec, policy, sleep_workers=settings.sleep_workers,
                                 resident_agents=settings.resident_agents)  # fmt: skip
-        # Saves and plans block on the store; a pool of their own keeps them off the event loop and out of the way
-        # of vLLM's own use of the default executor.
+        # Plans and saves block on the store; threads of their own keep them off the event loop (and vLLM's engine
+        # loop runs in its own process), out of the way of vLLM's use of the default executor. SQLite takes one
+        # writer at a time and makes the others poll with growing sleeps (up to 100 ms), so on SQLite this host's
+        # saves queue on one writer thread instead; Postgres locks per agent row and writes in parallel.
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="agentsleep-turn")
+        self._writer = (
+            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentsleep-save")
+            if store.dialect == "sqlite"
+            else self._pool
+        )
         logger.info(
             "agent memory on %s (L=%d, N=%d, store %s%s)",
             settings.checkpoint,
@@ -241,6 +248,12 @@ class AgentMemoryMiddleware:
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _save(self, turn: Turn, out: _Outcome) -> SnapshotRecord:
+        """The turn's save, written behind on a store thread; the caller awaits it before acknowledging the turn."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._writer, self.turns.commit, turn, out.reply_ids, out.reply
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST":
@@ -323,9 +336,6 @@ class AgentMemoryMiddleware:
         """A reply computed from the wrong state is not the agent's: the restore must have happened as planned."""
         if out.error is None and turn.base is not None and out.restored is not True:
             out.error = "the agent's state was not restored into the request (see the server log)"
-
-    async def _save(self, turn: Turn, out: _Outcome) -> SnapshotRecord:
-        return await self._run(self.turns.commit, turn, out.reply_ids, out.reply)
 
     async def _complete(
         self, scope: Scope, receive: Receive, send: Send, turn: Turn, body: dict, attempt: int, attempts: int

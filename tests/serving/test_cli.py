@@ -137,9 +137,22 @@ def test_load_engine_selects_by_name(tmp_path: Path) -> None:
         load_engine("tensorrt", ckpt)  # type: ignore[arg-type]
 
 
-def test_env_defaults_never_override_the_caller() -> None:
+def test_env_defaults_never_override_the_caller(tmp_path: Path) -> None:
     """spec §2.1: in-process engine core, and OpenMP threads bound (the default 'auto' was ~40× slower here)."""
-    from agentsleep.serving.settings import apply_env_defaults
+    from agentsleep.serving.settings import apply_env_defaults, bound_cpus
 
-    env = apply_env_defaults({"VLLM_CPU_OMP_THREADS_BIND": "0-15"})
-    assert env == {"VLLM_CPU_OMP_THREADS_BIND": "0-15", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env = apply_env_defaults({"VLLM_CPU_OMP_THREADS_BIND": "0-15"}, cpu=True)
+    # OpenMP threads follow the binding: more threads than bound CPUs spin against each other (~20× slower steps)
+    assert env == {"VLLM_CPU_OMP_THREADS_BIND": "0-15", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "16"}
+    assert apply_env_defaults({}, cpu=True)["OMP_NUM_THREADS"] == "1"
+    assert bound_cpus("0,2,4-5") == 4 and bound_cpus("auto") is None
+    assert (
+        apply_env_defaults({"VLLM_CPU_OMP_THREADS_BIND": "0-1", "OMP_NUM_THREADS": "3"}, cpu=True)["OMP_NUM_THREADS"]
+        == "3"
+    )
+    assert "OMP_NUM_THREADS" not in apply_env_defaults({"VLLM_CPU_OMP_THREADS_BIND": "nobind"})
+    assert "OMP_NUM_THREADS" not in apply_env_defaults({}, cpu=False)  # a GPU host: the binding does not apply
+    ckpt = build_checkpoint(tmp_path / "m")
+    bind = {"VLLM_CPU_OMP_THREADS_BIND": "0-3"}
+    _, served = server_command(ckpt, host="h", port=1, store_url="s", environ=bind, gpu=False)
+    assert served["VLLM_CPU_OMP_THREADS_BIND"] == "0-3" and served["OMP_NUM_THREADS"] == "4"
