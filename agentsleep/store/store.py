@@ -349,12 +349,13 @@ class SnapshotStore:
         if not isinstance(key, str) or not key or not isinstance(value, str):
             raise InvalidInput(f"find_by_metadata needs a non-empty str key and a str value, got {key!r}, {value!r}")
         with self._read() as s:
-            snap = s.scalars(
+            # The SQL filter compares text (Postgres renders a JSON number 1 as "1"); the exact test is in Python.
+            rows = s.scalars(
                 select(Snapshot)
                 .where(Snapshot.agent_id == agent_id, Snapshot.meta[key].as_string() == value)
                 .order_by(Snapshot.seq.desc())
-                .limit(1)
-            ).first()
+            )
+            snap = next((r for r in rows if (r.meta or {}).get(key) == value), None)
             return SnapshotRecord.from_row(snap) if snap is not None else None
 
     def load(
