@@ -8,8 +8,10 @@ sleeps and the next request opens the next window (the same rule as `TorchEngine
 are `agentsleep.runtime.base.EngineBase`, shared with `TorchEngine`; unlike it, `sleep` persists with the agent locked.
 
 S reaches the connector through a private, engine-owned `SnapshotStore` (a temporary SQLite file by default; the
-"state transport"), written only when S changes (create, import, sleep). It is not the product's store: snapshots
-for users go through the same ``persist`` / ``on_sleep`` callbacks and `revive` as for any engine.
+"state transport"), written only when S changes (create, import, sleep), each write a compare-and-set like every save;
+the connector keeps the window header of each S resident (keyed by its content), so a turn reads nothing from it. It
+is not the product's store: snapshots for users go through the same ``persist`` / ``on_sleep`` callbacks and `revive`
+as for any engine.
 
 Sleep runs in PyTorch on the same weights by default (the float32 reference; it is offline work and matches
 `TorchEngine`). ``sleep_backend="vllm"`` runs a one-pass sleep (N=1) on vLLM instead: the window is prefilled and the
