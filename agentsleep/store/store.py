@@ -81,6 +81,10 @@ class _CurrentParent:
 
 _CURRENT = _CurrentParent()
 
+NO_SNAPSHOT = ""
+"""``save(..., expect_current=NO_SNAPSHOT)``: a compare-and-set for creating an agent (it must have no current snapshot
+yet); a save racing another host's first save of the same agent then fails with `SnapshotConflict`."""
+
 
 class SnapshotStore:
     """Per-agent fast-weight snapshots in SQL.
@@ -199,7 +203,7 @@ class SnapshotStore:
             expect_current: compare-and-set: save only if this is still the agent's current snapshot id (checked
                 under the agent's row lock, so no concurrent save can slip in between); otherwise raise
                 `SnapshotConflict` and write nothing. An agent that does not exist yet has no current snapshot, so
-                any ``expect_current`` conflicts with it.
+                any ``expect_current`` conflicts with it, except `NO_SNAPSHOT` (``""``), which expects exactly that.
 
         Raises:
             InvalidInput: bad argument (type, range, non-int token ids, non-JSON metadata).
@@ -274,7 +278,7 @@ class SnapshotStore:
             if new_agent and not created:
                 raise InvalidInput(f"agent {agent_id!r} already exists; choose a new agent id")
             agent = self._lock_agent(s, agent_id)
-            if expect_current is not None and agent.current_snapshot_id != expect_current:
+            if expect_current is not None and agent.current_snapshot_id != (expect_current or None):
                 # Checked under the row lock (Postgres FOR UPDATE, SQLite BEGIN IMMEDIATE): a compare-and-set.
                 raise SnapshotConflict(
                     f"agent {agent_id!r} moved on: its current snapshot is {agent.current_snapshot_id!r}, not the "
@@ -330,6 +334,29 @@ class SnapshotStore:
             if snap is None:
                 raise UnknownSnapshot(f"no snapshot {snapshot_id!r} in the snapshot store")
             return SnapshotRecord.from_row(snap)
+
+    def current_id(self, agent_id: str) -> str | None:
+        """The agent's current snapshot id, or None for an unknown agent (one indexed read, no payload): the cheap
+        version check of a cache that holds the agent's memory."""
+        _check_agent_id(agent_id)
+        with self._read() as s:
+            return s.scalar(select(Agent.current_snapshot_id).where(Agent.id == agent_id))
+
+    def find_by_metadata(self, agent_id: str, key: str, value: str) -> SnapshotRecord | None:
+        """The newest snapshot of ``agent_id`` whose ``metadata[key]`` is the string ``value`` (None if none), e.g.
+        the snapshot a served turn with an idempotency key wrote. Scans the agent's snapshots, not the whole store."""
+        _check_agent_id(agent_id)
+        if not isinstance(key, str) or not key or not isinstance(value, str):
+            raise InvalidInput(f"find_by_metadata needs a non-empty str key and a str value, got {key!r}, {value!r}")
+        with self._read() as s:
+            # The SQL filter compares text (Postgres renders a JSON number 1 as "1"); the exact test is in Python.
+            rows = s.scalars(
+                select(Snapshot)
+                .where(Snapshot.agent_id == agent_id, Snapshot.meta[key].as_string() == value)
+                .order_by(Snapshot.seq.desc())
+            )
+            snap = next((r for r in rows if (r.meta or {}).get(key) == value), None)
+            return SnapshotRecord.from_row(snap) if snap is not None else None
 
     def load(
         self,
@@ -795,4 +822,4 @@ def _db_errors() -> Iterator[None]:
         raise StoreError(f"no free database connection: {e}; raise engine_kwargs pool_size/max_overflow") from e
 
 
-__all__ = ["DEFAULT_INLINE_LIMIT", "DEFAULT_URL", "SnapshotStore"]
+__all__ = ["DEFAULT_INLINE_LIMIT", "DEFAULT_URL", "NO_SNAPSHOT", "SnapshotStore"]
