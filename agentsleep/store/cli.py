@@ -24,6 +24,7 @@ from agentsleep.errors import (
     UnknownAgent,
     UnknownSnapshot,
 )
+from agentsleep.store.engine import one_line
 from agentsleep.store.records import SnapshotRecord
 from agentsleep.store.store import DEFAULT_URL, SnapshotStore
 
@@ -53,8 +54,11 @@ def _errors(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except AgentSleepError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {one_line(e)}", err=True)
             sys.exit(_exit_code(e))
+        except OSError as e:  # a file we were asked to read or write (export -o, import FILE)
+            click.echo(f"error: {one_line(e)}", err=True)
+            sys.exit(EXIT_USAGE)
 
     return wrapper
 

@@ -32,10 +32,15 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _PG_MIGRATION_LOCK = 0x61676E74736C7031  # arbitrary constant: pg_advisory_xact_lock key for "agntslp1"
-_WRITE_OPTION = "agentsleep_write"
-_EMPTY_FILE_WAIT_S = 2.0  # how long a 0-byte SQLite file may take to get its header from a concurrent creator  # execution option marking a connection whose transactions write
+_WRITE_OPTION = "agentsleep_write"  # execution option marking a connection whose transactions write
+_EMPTY_FILE_WAIT_S = 2.0  # how long a 0-byte SQLite file may take to get its header from a concurrent creator
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+
+def one_line(message: object) -> str:
+    """A driver's message on one line (psycopg's span several, with tabs): errors are printed as one line."""
+    return " ".join(str(message).split())
 
 
 def normalise_url(url: str | URL) -> URL:
@@ -220,7 +225,9 @@ def upgrade(engine: Engine, revision: str = "head", *, create: bool = True) -> N
             log.info("migrating snapshot store %s from %s to %s", engine.url.render_as_string(), now, revision)
             command.upgrade(alembic_config(conn), revision)
     except DBAPIError as e:  # unreachable server, "file is not a database", "database disk image is malformed"
-        raise StoreError(f"could not open the snapshot store at {engine.url.render_as_string()}: {e.orig}") from e
+        raise StoreError(
+            f"could not open the snapshot store at {engine.url.render_as_string()}: {one_line(e.orig)}"
+        ) from e
 
 
 __all__ = [
@@ -231,6 +238,7 @@ __all__ = [
     "include_name",
     "make_engine",
     "normalise_url",
+    "one_line",
     "upgrade",
     "writer",
 ]

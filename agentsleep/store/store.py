@@ -51,7 +51,7 @@ from agentsleep.store import jobs
 from agentsleep.store import payload as container
 from agentsleep.store.blobs import BlobDir, lock_key
 from agentsleep.store.digest import row_digest
-from agentsleep.store.engine import Synchronous, make_engine, upgrade, writer
+from agentsleep.store.engine import Synchronous, make_engine, one_line, upgrade, writer
 from agentsleep.store.models import Agent, Snapshot, utcnow
 from agentsleep.store.records import AgentRecord, LoadedSnapshot, SleepJobRecord, SnapshotRecord
 
@@ -1038,11 +1038,11 @@ def _db_errors() -> Iterator[None]:
     except AgentSleepError:
         raise
     except IntegrityError as e:
-        raise StoreError(f"the snapshot store rejected a write (constraint violated): {e.orig}") from e
+        raise StoreError(f"the snapshot store rejected a write (constraint violated): {one_line(e.orig)}") from e
     except DBAPIError as e:
-        raise StoreError(f"snapshot store database error: {e.orig}") from e
+        raise StoreError(f"snapshot store database error: {one_line(e.orig)}") from e
     except StatementError as e:  # a value the driver could not send (the checks above should make this unreachable)
-        raise InvalidInput(f"a value could not be stored: {e.orig}") from e
+        raise InvalidInput(f"a value could not be stored: {one_line(e.orig)}") from e
     except SATimeoutError as e:  # connection pool exhausted
         raise StoreError(f"no free database connection: {e}; raise engine_kwargs pool_size/max_overflow") from e
 
