@@ -63,11 +63,12 @@ def _errors(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def _store(ctx: click.Context) -> SnapshotStore:
-    """Open the store on first use, so `--help` never touches a database."""
+def _store(ctx: click.Context, *, create: bool = False) -> SnapshotStore:
+    """Open the store on first use, so `--help` never touches a database. Only ``import`` may create a store: a
+    mistyped URL must not leave an empty database (or directory) behind a ``list``."""
     obj: dict[str, Any] = ctx.ensure_object(dict)
     if "store" not in obj:
-        obj["store"] = ctx.with_resource(SnapshotStore(obj["url"], blob_dir=obj["blob_dir"]))
+        obj["store"] = ctx.with_resource(SnapshotStore(obj["url"], blob_dir=obj["blob_dir"], create=create))
     return obj["store"]
 
 
@@ -196,7 +197,7 @@ def export_(ctx: click.Context, snapshot_id: str, output: str) -> None:
 def import_(ctx: click.Context, file: str, agent_id: str | None) -> None:
     """Import an exported snapshot as the newest snapshot of an agent; prints the new snapshot id."""
     data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
-    rec = _store(ctx).import_snapshot(data, agent_id=agent_id)
+    rec = _store(ctx, create=True).import_snapshot(data, agent_id=agent_id)
     click.echo(rec.id)
     click.echo(f"imported as agent {rec.agent_id!r} seq {rec.seq}", err=True)
 
