@@ -17,7 +17,6 @@ at once. Guarantees (tested in tests/store/ and tests/reliability/):
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import re
@@ -50,6 +49,19 @@ from agentsleep.model.state import FastWeights
 from agentsleep.store import jobs
 from agentsleep.store import payload as container
 from agentsleep.store.blobs import BlobDir, lock_key
+from agentsleep.store.checks import (
+    INT32_MAX,
+    INT64_MAX,
+    MAX_WINDOW_TOKENS,
+    SNAPSHOT_ID_LEN,
+    check_int,
+    check_metadata,
+    check_snapshot_id,
+    check_state,
+    check_window,
+    from_file,
+    parse_state,
+)
 from agentsleep.store.digest import row_digest
 from agentsleep.store.engine import Synchronous, make_engine, one_line, upgrade, writer
 from agentsleep.store.models import Agent, Snapshot, utcnow
@@ -60,14 +72,7 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "sqlite:///agentsleep.db"
 # With blob_dir set, payloads above this size go to content-addressed files (see docs/store.md for the numbers).
 DEFAULT_INLINE_LIMIT = 1 << 20
-# A window longer than this is refused even when the caller names no model limit (``max_window``): 1M tokens is far
-# beyond any attention window L, so a longer one is a bug upstream, not a memory (its payload would be 8 MiB+).
-MAX_WINDOW_TOKENS = 1 << 20
-MAX_METADATA_BYTES = 1 << 20  # metadata is for tags and counters; megabytes of it would be a bug upstream
-_INT32_MAX = (1 << 31) - 1  # Postgres ``integer`` (passes); SQLite would take more, so both refuse more
-_INT64_MAX = (1 << 63) - 1  # Postgres ``bigint`` and SQLite's INTEGER (tokens_consolidated)
 _REASON = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-_SNAPSHOT_ID_LEN = 32
 _CHUNK = 500  # ids per IN (...) clause; SQLite caps bound parameters
 
 
@@ -94,93 +99,6 @@ def same_model(stored: str, given: str) -> bool:
 
 
 _check_agent_id = check_agent_id
-
-
-def _check_snapshot_id(value: object, what: str = "snapshot id") -> str:
-    """A snapshot id to look up. Anything that cannot be a stored id (too long, control characters, lone
-    surrogates) is `UnknownSnapshot` at once, the same on both backends (Postgres would refuse to encode it)."""
-    if not isinstance(value, str):
-        raise InvalidInput(f"{what} must be a str, got {type(value).__name__}")
-    if not value or len(value) > _SNAPSHOT_ID_LEN or not value.isascii() or not value.isprintable():
-        raise UnknownSnapshot(f"no snapshot {value!r} in the snapshot store")
-    return value
-
-
-def _check_int(name: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InvalidInput(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
-    return value
-
-
-def _check_state(state: object) -> FastWeights:
-    """The state a save accepts: `FastWeights` of one stream, float32 and finite, carrying its model fingerprint.
-
-    The store never casts (a float64 or bfloat16 state is refused rather than silently rounded) and never saves a
-    diverged state (NaN/inf): a revived agent would carry it forever.
-    """
-    if not isinstance(state, FastWeights):
-        raise InvalidInput(f"state must be FastWeights, got {type(state).__name__}")
-    if not state.fingerprint:
-        raise InvalidInput("state has no model fingerprint; states from SleepHybrid always carry one")
-    check_id(state.fingerprint, "the state's model fingerprint")
-    tensors = state.tensors()
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise InvalidInput(f"state tensor {name} is a {type(t).__name__}, not a torch.Tensor")
-        if t.dtype != torch.float32:
-            raise InvalidInput(
-                f"state tensor {name} is {t.dtype}; fast weights are float32 (the store never casts: convert "
-                "explicitly if that is what you mean)"
-            )
-        if not bool(torch.isfinite(t).all()):
-            raise InvalidInput(
-                f"state tensor {name} holds NaN or inf values: a diverged state is not saved (the agent keeps its "
-                "last good snapshot)"
-            )
-    if state.batch_size != 1:
-        raise InvalidInput(f"an agent's state is one stream (batch 1); this state has batch {state.batch_size}")
-    if not state.ssm:
-        raise InvalidInput("state has no fast-weight (ssm) tensors")
-    return state
-
-
-def _check_window(window: Sequence[int], max_window: int | None) -> Any:
-    win = container.window_array(window)
-    limit = MAX_WINDOW_TOKENS if max_window is None else _check_int("max_window", max_window, 0, MAX_WINDOW_TOKENS)
-    if win.shape[0] > limit:
-        what = "the model's window (max_window)" if max_window is not None else f"MAX_WINDOW_TOKENS={limit}"
-        raise InvalidInput(
-            f"window holds {win.shape[0]} tokens, more than {what} allows ({limit}): not a memory of this model"
-        )
-    if win.shape[0] and int(win.min()) < 0:
-        raise InvalidInput("window holds a negative token id")
-    return win
-
-
-def _check_metadata(metadata: object, what: str = "metadata") -> dict[str, Any]:
-    """JSON-ready metadata, normalised (tuples become lists, keys strings), identical on SQLite and Postgres."""
-    try:
-        text_ = json.dumps(metadata if metadata is not None else {}, ensure_ascii=False, allow_nan=False)
-        encoded = text_.encode("utf-8")  # lone surrogates fail here (Postgres could not store them)
-    except (TypeError, ValueError, RecursionError, UnicodeEncodeError) as e:
-        raise InvalidInput(f"{what} must be JSON-serialisable (no NaN/inf, valid UTF-8): {e}") from None
-    if len(encoded) > MAX_METADATA_BYTES:
-        raise InvalidInput(f"{what} is {len(encoded)} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
-    meta = json.loads(text_)
-    if not isinstance(meta, dict):
-        raise InvalidInput(f"{what} must be a dict, got {type(metadata).__name__}")
-    return meta
-
-
-def _parse_state(data: bytes, **kwargs: Any) -> FastWeights:
-    """`FastWeights.from_bytes`, with anything it raises on damaged bytes (KeyError, JSONDecodeError, ...) turned
-    into `SnapshotCorrupt`; our own typed errors pass through."""
-    try:
-        return FastWeights.from_bytes(data, **kwargs)
-    except AgentSleepError:
-        raise
-    except Exception as e:  # untrusted bytes: any parse failure is damage
-        raise SnapshotCorrupt(f"the fast-weight bytes are damaged ({type(e).__name__}: {e})") from e
 
 
 class _CurrentParent:
@@ -224,7 +142,7 @@ class SnapshotStore:
         engine_kwargs: dict[str, Any] | None = None,
         create: bool = True,
     ) -> None:
-        self.inline_limit = _check_int("inline_limit", inline_limit, 0, _INT64_MAX)
+        self.inline_limit = check_int("inline_limit", inline_limit, 0, INT64_MAX)
         self.engine: Engine = make_engine(
             url, sqlite_synchronous=sqlite_synchronous, engine_kwargs=engine_kwargs, create=create
         )
@@ -340,8 +258,8 @@ class SnapshotStore:
             UnknownSnapshot: ``parent_id`` does not exist.
             StoreError: the database failed.
         """
-        state = _check_state(state)
-        win = _check_window(window, max_window)
+        state = check_state(state)
+        win = check_window(window, max_window)
         payload = container.encode(container.canonical(state.to_bytes()), win, fingerprint=state.fingerprint)
         return self._save(
             agent_id,
@@ -383,13 +301,13 @@ class SnapshotStore:
             raise InvalidInput(f"new_agent must be a bool, got {new_agent!r}")
         if not isinstance(reason, str) or not _REASON.match(reason):
             raise InvalidInput(f"reason must match {_REASON.pattern} (e.g. 'sleep', 'manual'), got {reason!r}")
-        _check_int("passes", passes, 1, _INT32_MAX)
-        _check_int("tokens_consolidated", tokens_consolidated, 0, _INT64_MAX)
+        check_int("passes", passes, 1, INT32_MAX)
+        check_int("tokens_consolidated", tokens_consolidated, 0, INT64_MAX)
         if thread_id is not None:
             check_id(thread_id, "thread_id")
         if isinstance(parent, str):
-            _check_snapshot_id(parent, "parent_id")
-        meta = _check_metadata(metadata)
+            check_snapshot_id(parent, "parent_id")
+        meta = check_metadata(metadata)
 
         sha = _sha256(payload)
         path = None
@@ -463,7 +381,7 @@ class SnapshotStore:
 
     def get(self, snapshot_id: str) -> SnapshotRecord:
         """A snapshot's metadata, without reading or verifying its payload. Raises `UnknownSnapshot`."""
-        _check_snapshot_id(snapshot_id)
+        check_snapshot_id(snapshot_id)
         with self._read() as s:
             snap = s.get(Snapshot, snapshot_id)
             if snap is None:
@@ -502,7 +420,7 @@ class SnapshotStore:
                 a field of its row was altered (record checksum).
             SnapshotMismatch: the snapshot belongs to another model or has other shapes.
         """
-        _check_snapshot_id(snapshot_id)
+        check_snapshot_id(snapshot_id)
         with self._read() as s:
             snap = s.get(Snapshot, snapshot_id, options=[undefer(Snapshot.payload)])
             if snap is None:
@@ -629,7 +547,7 @@ class SnapshotStore:
             raise SnapshotCorrupt(f"snapshot {record.id} payload fails its sha256 check: the stored bytes are damaged")
         try:
             dec = container.decode(data)  # its content checksum also catches a hand-"repaired" row sha256
-            state = _parse_state(dec.state_bytes, shapes=shapes, device=device)
+            state = parse_state(dec.state_bytes, shapes=shapes, device=device)
         except SnapshotCorrupt as e:
             raise SnapshotCorrupt(f"snapshot {record.id}: {e}") from e
         if dec.fingerprint != record.fingerprint or state.fingerprint != record.fingerprint:
@@ -694,7 +612,7 @@ class SnapshotStore:
     def lineage(self, snapshot_id: str) -> list[SnapshotRecord]:
         """The chain of parents ending at ``snapshot_id``, root first; crosses agents at forks, stops at a pruned
         parent. Raises `UnknownSnapshot`."""
-        _check_snapshot_id(snapshot_id)
+        check_snapshot_id(snapshot_id)
         chain: list[SnapshotRecord] = []
         seen: set[str] = set()
         with self._read() as s:
@@ -747,7 +665,7 @@ class SnapshotStore:
         Raises `UnknownAgent`, `UnknownSnapshot`, `InvalidInput` (snapshot of another agent).
         """
         _check_agent_id(agent_id)
-        _check_snapshot_id(snapshot_id)
+        check_snapshot_id(snapshot_id)
         with self._write() as s:
             agent = self._lock_agent(s, agent_id)
             snap = s.get(Snapshot, snapshot_id)
@@ -777,30 +695,30 @@ class SnapshotStore:
             InvalidInput: no ``agent_id`` given and the file names none; a state the store refuses (NaN, dtype).
         """
         dec = container.decode(data)
-        state = _check_state(_parse_state(dec.state_bytes))
+        state = check_state(parse_state(dec.state_bytes))
         if state.fingerprint != dec.fingerprint:
             raise SnapshotCorrupt("snapshot file's container and state disagree on the model fingerprint")
-        win = _check_window(dec.window, None)
+        win = check_window(dec.window, None)
         rec = dec.record or {}
         named = rec.get("agent_id")
         target = agent_id if agent_id is not None else named if isinstance(named, str) else None
         if not target:
             raise InvalidInput("this snapshot file names no agent; pass agent_id")
         _check_agent_id(target)
-        origin = _from_file(rec, "id", str)
+        origin = from_file(rec, "id", str)
         parent: str | None = None
-        if origin is not None and len(origin) <= _SNAPSHOT_ID_LEN and origin.isascii() and origin.isprintable():
+        if origin is not None and len(origin) <= SNAPSHOT_ID_LEN and origin.isascii() and origin.isprintable():
             with self._read() as s:
                 parent = origin if s.get(Snapshot, origin) is not None else None
-        passes = _from_file(rec, "passes", int)
-        tokens = _from_file(rec, "tokens_consolidated", int)
-        thread = _from_file(rec, "thread_id", str)
+        passes = from_file(rec, "passes", int)
+        tokens = from_file(rec, "tokens_consolidated", int)
+        thread = from_file(rec, "thread_id", str)
         try:
             thread = check_id(thread, "thread_id") if thread is not None else None
         except InvalidInput:
             thread = None  # a tag from a foreign file that this store cannot hold: dropped, not fatal
         payload = container.encode(container.canonical(dec.state_bytes), win, fingerprint=dec.fingerprint)
-        origin_fields = {k: _from_file(rec, k, (str, int)) for k in ("id", "agent_id", "seq", "created_at", "reason")}
+        origin_fields = {k: from_file(rec, k, (str, int)) for k in ("id", "agent_id", "seq", "created_at", "reason")}
         return self._save(
             target,
             payload,
@@ -808,8 +726,8 @@ class SnapshotStore:
             shapes=_ssm_shapes(state),
             window_len=len(dec.window),
             reason="import",
-            passes=passes if passes is not None and 1 <= passes <= _INT32_MAX else 1,
-            tokens_consolidated=tokens if tokens is not None and 0 <= tokens <= _INT64_MAX else 0,
+            passes=passes if passes is not None and 1 <= passes <= INT32_MAX else 1,
+            tokens_consolidated=tokens if tokens is not None and 0 <= tokens <= INT64_MAX else 0,
             parent=parent,
             thread_id=thread,
             metadata={"imported_from": origin_fields},
@@ -853,7 +771,7 @@ class SnapshotStore:
 
     @staticmethod
     def _check_keep(keep: int) -> None:
-        _check_int("keep", keep, 0, _INT64_MAX)
+        check_int("keep", keep, 0, INT64_MAX)
 
     def prune(self, agent_id: str, *, keep: int) -> int:
         """Delete all but the ``keep`` newest snapshots of an agent; the current snapshot is always kept, and so is
@@ -992,7 +910,7 @@ class SnapshotStore:
         """
         _check_agent_id(agent_id)
         if passes is not None:
-            _check_int("passes", passes, 1, _INT32_MAX)
+            check_int("passes", passes, 1, INT32_MAX)
         self._require_queue()
         with self._write() as s:
             agent = s.get(Agent, agent_id)
@@ -1015,19 +933,6 @@ class SnapshotStore:
             if not jobs.has_procrastinate_schema(s.connection()):
                 return []
             return jobs.list_sleep_jobs(s, agent_id)
-
-
-def _from_file(rec: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    """A field of an imported file's record if it has the expected type (bools are not ints), else None."""
-    v = rec.get(key)
-    if isinstance(v, bool) or not isinstance(v, kind):
-        return None
-    if isinstance(v, str):
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError:
-            return None
-    return v
 
 
 @contextmanager
