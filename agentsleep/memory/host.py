@@ -457,14 +457,20 @@ class AgentHost:
     # ------------------------------------------------------------------ saves: compare-and-set, merges
 
     def _book(self, agent_id: str) -> _Book:
-        """The agent's book; an agent made live behind the host's back gets one from the engine's view of it."""
+        """The agent's book. An agent made live behind the host's back (``engine.create_agent``, ``import_state``)
+        gets one expecting the store's current snapshot, its journal unknown (``broken``). Never asks the engine:
+        persist callbacks call this with the agent's engine lock held."""
         with self._books_lock:
             book = self._books.get(agent_id)
         if book is not None:
             return book
-        session = self.engine.session(agent_id)  # never under the books lock: persist callbacks take it the other way
+        assert self.store is not None
+        try:
+            current = self.store.current_id(agent_id)
+        except UnknownAgent:
+            current = None
         with self._books_lock:
-            return self._books.setdefault(agent_id, _Book(base_id=session.snapshot_id, base_end=session.tokens_seen))
+            return self._books.setdefault(agent_id, _Book(base_id=current, base_end=0, broken=True))
 
     def _forget(self, agent_id: str) -> None:
         with self._books_lock:

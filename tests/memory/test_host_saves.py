@@ -199,3 +199,17 @@ def test_reviving_an_older_snapshot_branches_from_it(store: SnapshotStore, model
         rec = store.get(new.snapshot_id)
         assert rec.parent_id == old and store.current_id("a") == rec.id
         assert torch.equal(torch.tensor(store.load(rec.id).window[:4]), torch.tensor(store.load(old).window))
+
+
+def test_an_agent_made_live_behind_the_hosts_back_is_saved_too(store: SnapshotStore, model: SleepHybrid) -> None:
+    engine = TorchEngine(model)
+    engine.create_agent("a")  # not through host.create: the host has no book for it yet
+    with AgentHost(engine, store, policy(), background=False) as host:
+        taken = []
+        for t in range(3):
+            ids = turn_tokens(t, 12)
+            taken += ids + list(host.turn("a", ids, max_new_tokens=2).tokens)  # window-full sleeps mid-turn
+        assert store.current_id("a") is not None  # those sleeps were saved (the agent created in the store)
+        host.remove("a")
+    rec = store.latest("a").record
+    assert rec.reason == "park" and rec.tokens_consolidated + rec.window_len == len(taken) == 42

@@ -9,7 +9,7 @@ from sqlalchemy import text
 
 from agentsleep.errors import InvalidInput, UnknownAgent, UnsupportedBackend
 from agentsleep.store import SleepJobRecord, SnapshotStore
-from agentsleep.store.jobs import SLEEP_TASK, agent_lock, sleep_queue
+from agentsleep.store.jobs import agent_lock, sleep_queue
 
 from .helpers import toy_state
 
@@ -89,11 +89,6 @@ def test_bad_requests_and_deleted_agents(pg_store: SnapshotStore) -> None:
     pg_store.enqueue_sleep("a")
     pg_store.delete_agent("a")
     assert pg_store.sleep_jobs() == [] and _rows(pg_store) == []
-
-
-@pytest.mark.postgres
-def test_task_name_is_stable() -> None:
-    assert SLEEP_TASK == "agentsleep.sleep"  # workers of every version must agree on it
 
 
 def test_sqlite_has_no_queue_and_says_so(tmp_path) -> None:
