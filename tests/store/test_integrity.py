@@ -177,7 +177,6 @@ def test_states_the_store_refuses(store: SnapshotStore) -> None:
         "float64": _with(base.double()),
         "bfloat16": _with(base.bfloat16()),
         "batch 2": FastWeights(ssm=[torch.cat([base, base])] * 2, fingerprint="toy-abc"),
-        "no ssm": FastWeights(ssm=[], fingerprint="toy-abc", batch=1),
         "bad fingerprint": FastWeights(ssm=toy_state(1).ssm, fingerprint="x\n"),
         "long fingerprint": FastWeights(ssm=toy_state(1).ssm, fingerprint="f" * 129),
     }
@@ -186,6 +185,8 @@ def test_states_the_store_refuses(store: SnapshotStore) -> None:
             store.save("a", st)
             pytest.fail(what)
     assert store.agents() == []
+    empty = store.save("attention-only", FastWeights(ssm=[], fingerprint="att", batch=1))  # nothing crosses windows
+    assert store.load(empty.id).state.batch_size == 1
 
 
 def test_values_the_database_could_not_hold_are_refused_the_same_everywhere(store: SnapshotStore) -> None:
