@@ -290,6 +290,8 @@ def test_no_silent_mkdir_and_create_false(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("x")
     with pytest.raises(InvalidInput, match="not a directory"):
         SnapshotStore(f"sqlite:///{missing}", blob_dir=str(tmp_path / "afile"))
+    with pytest.raises(StoreError, match="does not exist"):  # a file where the directory should be
+        SnapshotStore(f"sqlite:///{tmp_path / 'afile' / 's.db'}")
 
 
 @pytest.mark.postgres
