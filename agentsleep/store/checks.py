@@ -70,6 +70,17 @@ def check_state(state: object) -> FastWeights:
             )
     if state.batch_size != 1:
         raise InvalidInput(f"an agent's state is one stream (batch 1); this state has batch {state.batch_size}")
+    pointers = [t.data_ptr() for t in tensors.values() if t.numel()]
+    if len(set(pointers)) != len(pointers):
+        # Two layers holding one tensor object (e.g. the same zeros): safetensors refuses shared memory, so the
+        # bytes are written from copies. Same values, same digest.
+        return FastWeights(
+            ssm=[t.clone() for t in state.ssm],
+            kv=[(k.clone(), v.clone()) for k, v in state.kv],
+            kv_valid=None if state.kv_valid is None else state.kv_valid.clone(),
+            fingerprint=state.fingerprint,
+            batch=state.batch,
+        )
     return state
 
 

@@ -25,6 +25,7 @@ def shared_writer(url: str, blob_dir: str, seed: int, conn: Connection) -> None:
     torch.set_num_threads(1)
     rng = random.Random(seed)
     store = SnapshotStore(url, blob_dir=blob_dir, inline_limit=0, migrate=False)
+    store.save(f"warmup-{seed}", toy_state(seed))  # compiles the statements: kills land among real saves
     conn.send_bytes(b"ready")
     i = 0
     while True:

@@ -187,6 +187,9 @@ def test_states_the_store_refuses(store: SnapshotStore) -> None:
     assert store.agents() == []
     empty = store.save("attention-only", FastWeights(ssm=[], fingerprint="att", batch=1))  # nothing crosses windows
     assert store.load(empty.id).state.batch_size == 1
+    zeros = torch.zeros(1, 2, 64, 64)
+    shared = FastWeights(ssm=[zeros, zeros], fingerprint="toy-abc")  # one tensor object in two layers
+    assert store.load(store.save("shared", shared).id).state.digest() == shared.digest()
 
 
 def test_values_the_database_could_not_hold_are_refused_the_same_everywhere(store: SnapshotStore) -> None:
