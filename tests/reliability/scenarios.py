@@ -481,7 +481,7 @@ def bad_inputs(url: str, tmp: Path) -> Row:
             lambda: store.import_snapshot(b"\x00" * 64),
             lambda: store.import_snapshot(toy_state(1).to_bytes()),
             lambda: store.gc_blobs(grace_s=-1),
-            lambda: store.current_id("ghost"),
+            lambda: store.current_id("ghost\n"),
             lambda: store.get(None),  # type: ignore[arg-type]
         ]
         if store.dialect == "postgresql":

@@ -12,7 +12,7 @@ import pytest
 import torch
 from sqlalchemy import select, text, update
 
-from agentsleep.errors import InvalidInput, SnapshotCorrupt, StoreError, UnknownAgent, UnknownSnapshot
+from agentsleep.errors import InvalidInput, SnapshotCorrupt, StoreError, UnknownSnapshot
 from agentsleep.model.state import FastWeights
 from agentsleep.store import MAX_WINDOW_TOKENS, Snapshot, SnapshotStore
 
@@ -150,8 +150,9 @@ def test_a_dangling_current_pointer_breaks_neither_fallback_nor_later_saves(stor
 
 
 def test_current_id_is_cheap_and_exact(store: SnapshotStore) -> None:
-    with pytest.raises(UnknownAgent):
-        store.current_id("ghost")
+    assert store.current_id("ghost") is None  # the version read of a cache: no agent, no current snapshot
+    with pytest.raises(InvalidInput):
+        store.current_id(" ghost")
     r = store.save("a", toy_state(1))
     assert store.current_id("a") == r.id
     r2 = store.save("a", toy_state(2), expect_current=store.current_id("a"))
