@@ -38,7 +38,7 @@ from typing import Any, Literal
 from sqlalchemy import text
 
 from agentsleep.errors import AgentSleepError, InvalidInput, SnapshotConflict, StoreError, UnsupportedBackend
-from agentsleep.ids import ID_LEN, check_agent_id, check_id
+from agentsleep.ids import ID_LEN, check_agent_id, check_id, split_agent_key
 from agentsleep.model.fingerprint import accepted
 from agentsleep.runtime.engine import Engine, SleepCommit
 from agentsleep.runtime.revive import memory_from_snapshot, save_memory, window_limit
@@ -357,7 +357,9 @@ class SleepWorker:
         if not isinstance(agent_id, str):
             raise InvalidInput(f"sleep job {job_id} names no agent (agent_id={agent_id!r})")
         n = self.passes if passes is None else _check_passes(passes, "the job's passes")
-        return consolidate(self.engine, self.store, agent_id, passes=n, worker_id=self.worker_id, job_id=job_id)
+        tenant, name = split_agent_key(agent_id)  # the queue holds store keys: a tenant's agent runs in its tenant
+        store = self.store.for_tenant(tenant) if tenant != self.store.tenant else self.store
+        return consolidate(self.engine, store, name, passes=n, worker_id=self.worker_id, job_id=job_id)
 
 
 def _job_manager_class() -> type:
