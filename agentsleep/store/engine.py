@@ -48,7 +48,7 @@ def normalise_url(url: str | URL) -> URL:
     """Parse a database URL; bare ``postgresql://`` / ``postgres://`` get the psycopg 3 driver."""
     try:
         u = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         # The URL may hold a password: masked, as everywhere the store shows its URL.
         shown = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", str(url))
         raise InvalidInput(f"not a database URL: {shown!r} (e.g. sqlite:///agentsleep.db)") from None
