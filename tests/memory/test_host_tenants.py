@@ -52,3 +52,28 @@ def test_tenant_needs_a_store_and_a_valid_name(store: SnapshotStore) -> None:
         AgentHost(make_engine(), None, policy(), tenant="acme")
     with pytest.raises(InvalidInput, match="tenant"):
         AgentHost(make_engine(), store, policy(), tenant="a b")
+
+
+@pytest.mark.postgres
+def test_a_worker_sleeps_each_tenants_agent_in_its_tenant(postgres_schema_url: str) -> None:
+    from agentsleep.memory.worker import JobReport, SleepWorker
+    from agentsleep.runtime import TorchEngine
+    from tests.memory.test_worker import FAST, seed_agent
+    from tests.runtime.helpers import make_model, turn_tokens
+
+    model = make_model(window=16, passes=3)
+    with SnapshotStore(postgres_schema_url) as root:
+        stores = {t: root.for_tenant(t) for t in ("acme", "beta", "")}
+        for i, s in enumerate(stores.values()):
+            seed_agent(s, model, "bob", turn_tokens(i, 6))
+            s.enqueue_sleep("bob")
+        reports: list[JobReport] = []
+        worker = SleepWorker(TorchEngine(model), root, worker_id="w", **FAST)
+        assert worker.run(wait=False, on_job=reports.append) == 3
+        assert sorted((r.tenant, r.agent_id, r.status) for r in reports) == [
+            ("", "bob", "succeeded"), ("acme", "bob", "succeeded"), ("beta", "bob", "succeeded"),
+        ]  # fmt: skip
+        for r in reports:
+            s = stores[r.tenant]
+            assert s.get(r.snapshot_id).reason == "sleep" and s.current_id("bob") == r.snapshot_id
+            assert "\x1f" not in r.line() and (r.tenant in r.line())
