@@ -22,6 +22,10 @@ an agent into one window of that agent, and owns the agent's memory between requ
    memory, up to ``conflict_retries`` times, then answers 409; a stream cannot be re-run and ends with a 409 error
    event. An acknowledged turn is therefore always in the agent's lineage, and a refused one never is.
 7. An optional ``turn_id`` makes a turn idempotent: a repeated id returns the stored reply and saves nothing.
+8. With an API keys file (``AGENTSLEEP_SERVE_API_KEYS_FILE``, `agentsleep.serving.auth.ApiKeys`) every request but
+   the liveness probes needs ``Authorization: Bearer KEY`` (else 401), and the key's tenant is the namespace of the
+   request's agent and snapshot ids: each tenant has an `AgentTurns` of its own on a `SnapshotStore.for_tenant`
+   view, so another tenant's agent is an unknown agent (404), answered by the same queries as one that never existed.
 
 Requests of one agent are served one at a time per host; a background sleep and a request of the same agent exclude
 each other. Errors are OpenAI-style JSON (``{"error": {"message", "type", "param", "code"}}``) and never stop the
