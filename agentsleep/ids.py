@@ -41,4 +41,52 @@ def check_agent_id(agent_id: object) -> str:
     return check_id(agent_id, "agent id")
 
 
-__all__ = ["ID_LEN", "check_agent_id", "check_id"]
+# ---------------------------------------------------------------- tenants (namespaces of agent ids)
+
+TENANT_LEN = 64
+TENANT_SEP = "\x1f"  # ASCII unit separator: a control character, so `check_id` refuses it in every caller's id
+KEY_LEN = TENANT_LEN + 1 + ID_LEN  # the store's agent-key columns (agents.id, snapshots.agent_id; migration 0005)
+DEFAULT_TENANT = ""  # the namespace of a store opened without a tenant (every agent saved before tenants existed)
+_TENANT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def check_tenant(value: object) -> str:
+    """Return ``value`` if it names a tenant: 1–64 characters of ``[A-Za-z0-9._-]`` (safe in logs, file names and
+    SQL patterns), or `DEFAULT_TENANT` (``""``); else raise `InvalidInput`."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"tenant must be a str, got {type(value).__name__}")
+    if value == DEFAULT_TENANT:
+        return value
+    if len(value) > TENANT_LEN or not set(value) <= _TENANT_CHARS:
+        raise InvalidInput(f"tenant must be 1-{TENANT_LEN} characters of A-Z a-z 0-9 . _ -, got {value!r}")
+    return value
+
+
+def agent_key(tenant: str, agent_id: str) -> str:
+    """The store's key of ``agent_id`` in ``tenant``: the id itself in the default tenant, else ``tenant + SEP + id``.
+
+    Keys of two tenants never collide (a tenant name has no SEP, an agent id has no control character), so a lookup
+    in one tenant can never find another tenant's agent: it runs the same query as for an id that exists nowhere."""
+    check_tenant(tenant)
+    check_agent_id(agent_id)
+    return f"{tenant}{TENANT_SEP}{agent_id}" if tenant else agent_id
+
+
+def split_agent_key(key: str) -> tuple[str, str]:
+    """``(tenant, agent id)`` of a store key (`agent_key`'s inverse)."""
+    tenant, sep, agent_id = key.partition(TENANT_SEP)
+    return (tenant, agent_id) if sep else (DEFAULT_TENANT, key)
+
+
+__all__ = [
+    "DEFAULT_TENANT",
+    "ID_LEN",
+    "KEY_LEN",
+    "TENANT_LEN",
+    "TENANT_SEP",
+    "agent_key",
+    "check_agent_id",
+    "check_id",
+    "check_tenant",
+    "split_agent_key",
+]

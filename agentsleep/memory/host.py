@@ -132,6 +132,9 @@ class AgentHost:
             write per turn. Off by default: snapshots after sleeps bound the loss to one window.
         max_workers: background sleeps that may run at once.
         clock: the scheduler's clock (`ManualClock` in tests).
+        tenant: the namespace of this host's agents in ``store`` (`SnapshotStore.for_tenant`; default: the store's
+            own tenant). The host then creates, revives and saves that tenant's agents only; another tenant's agent
+            id is an unknown agent here. One engine serves one host: engines key live agents by agent id alone.
 
     Thread safety: any number of threads may drive any agents; turns of one agent are serialised.
     """
@@ -146,9 +149,12 @@ class AgentHost:
         snapshot_turns: bool = False,
         max_workers: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        tenant: str | None = None,
     ) -> None:
         self.engine = engine
-        self.store = store
+        if tenant is not None and store is None:
+            raise ConfigError("AgentHost(tenant=...) names a namespace of a store: pass the store too")
+        self.store = store.for_tenant(tenant) if store is not None and tenant is not None else store
         self.policy = policy or SleepPolicy(window=engine.window, passes=engine.passes)
         if self.policy.window > engine.window:
             raise ConfigError(

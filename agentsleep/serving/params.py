@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from agentsleep.errors import InvalidInput
-from agentsleep.ids import check_agent_id, check_id
+from agentsleep.ids import check_agent_id, check_id, check_tenant
 
 FIELD = "kv_transfer_params"
 
@@ -96,6 +96,8 @@ class ConnectorParams:
             for the same state (every turn between two sleeps), without reading the store.
         sleep: copy the GDN state out of vLLM after the prompt and save it as a one-pass sleep (`VLLMEngine`).
         expect_current: for ``sleep``: the compare-and-set of that save (`SnapshotStore.save`).
+        tenant: the namespace of ``agent_id`` and ``snapshot_id`` in the store (set by the server from the request's
+            API key; never taken from a client: `AgentParams` has no such key).
     """
 
     agent_id: str
@@ -104,8 +106,11 @@ class ConnectorParams:
     state_key: str | None = None
     sleep: bool = False
     expect_current: str | None = None
+    tenant: str = ""
 
-    KEYS: ClassVar[tuple[str, ...]] = ("agent_id", "restore", "snapshot_id", "state_key", "sleep", "expect_current")
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "agent_id", "restore", "snapshot_id", "state_key", "sleep", "expect_current", "tenant",
+    )  # fmt: skip
 
     @classmethod
     def parse(cls, raw: Any) -> ConnectorParams | None:
@@ -126,10 +131,13 @@ class ConnectorParams:
             state_key=key,
             sleep=_flag(raw, "sleep", False),
             expect_current=expect,
+            tenant=check_tenant(raw.get("tenant", "")),
         )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"agent_id": self.agent_id, "restore": self.restore}
+        if self.tenant:
+            out["tenant"] = self.tenant
         for name in ("snapshot_id", "state_key", "expect_current"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)

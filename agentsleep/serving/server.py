@@ -22,6 +22,10 @@ an agent into one window of that agent, and owns the agent's memory between requ
    memory, up to ``conflict_retries`` times, then answers 409; a stream cannot be re-run and ends with a 409 error
    event. An acknowledged turn is therefore always in the agent's lineage, and a refused one never is.
 7. An optional ``turn_id`` makes a turn idempotent: a repeated id returns the stored reply and saves nothing.
+8. With an API keys file (``AGENTSLEEP_SERVE_API_KEYS_FILE``, `agentsleep.serving.auth.ApiKeys`) every request but
+   the liveness probes needs ``Authorization: Bearer KEY`` (else 401), and the key's tenant is the namespace of the
+   request's agent and snapshot ids: each tenant has an `AgentTurns` of its own on a `SnapshotStore.for_tenant`
+   view, so another tenant's agent is an unknown agent (404), answered by the same queries as one that never existed.
 
 Requests of one agent are served one at a time per host; a background sleep and a request of the same agent exclude
 each other. Errors are OpenAI-style JSON (``{"error": {"message", "type", "param", "code"}}``) and never stop the
@@ -37,6 +41,7 @@ import difflib
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -63,6 +68,7 @@ from agentsleep.errors import (
 from agentsleep.memory.policy import ENV_PREFIX as POLICY_ENV_PREFIX
 from agentsleep.memory.policy import SleepPolicy
 from agentsleep.runtime.text import TOKENIZER_FILE, TextCodec
+from agentsleep.serving.auth import OPEN_PATHS, ApiKeys, bearer
 from agentsleep.serving.params import FIELD, AgentParams
 from agentsleep.serving.reference import reference_model
 from agentsleep.serving.turns import AgentTurns, Turn
@@ -94,6 +100,7 @@ class ServeSettings(BaseSettings):
     allow_stateless: bool = False  # let requests without an agent through to plain vLLM
     resident_agents: int = 256  # agents whose memory (S + window) this host keeps between turns
     conflict_retries: int = 3  # re-runs of a turn whose compare-and-set lost to another host
+    api_keys_file: Path | None = None  # `KEY TENANT` lines (auth.ApiKeys); None: one tenant, no keys checked
 
 
 class HTTPError(Exception):
@@ -174,6 +181,18 @@ async def _send_json(send: Send, status: int, payload: dict[str, Any] | bytes) -
     await send({"type": "http.response.body", "body": body})
 
 
+async def _unauthorized(scope: Scope, send: Send) -> None:
+    """401 for a request without a valid key (the same answer for a missing, malformed or unknown key)."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    body = HTTPError(401, "a valid API key is required (Authorization: Bearer KEY)", "AuthenticationError").body()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"www-authenticate", b'Bearer realm="agentsleep"')]  # fmt: skip
+    await send({"type": "http.response.start", "status": 401, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def _sse(payload: dict[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload)
     return f"data: {data}\n\n".encode()
@@ -224,9 +243,19 @@ class AgentMemoryMiddleware:
         defaults = {"window": model.config.window, "passes": model.config.passes}
         unset = {k: v for k, v in defaults.items() if f"{POLICY_ENV_PREFIX}{k.upper()}" not in os.environ}
         policy = SleepPolicy.from_env(**unset)
+        self.keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file is not None else None
         store = SnapshotStore(settings.store_url, blob_dir=settings.blob_dir)
-        self.turns = AgentTurns(model, store, codec, policy, sleep_workers=settings.sleep_workers,
-                                resident_agents=settings.resident_agents)  # fmt: skip
+
+        def turns_of(tenant: str) -> AgentTurns:
+            # One AgentTurns per tenant: its store view, resident memories, locks and sleeps are the tenant's own,
+            # so nothing (not even a cache hit's timing) answers one tenant with another's agent.
+            return AgentTurns(model, store.for_tenant(tenant), codec, policy, sleep_workers=settings.sleep_workers,
+                              resident_agents=settings.resident_agents)  # fmt: skip
+
+        self._new_turns = turns_of
+        self._tenants: dict[str, AgentTurns] = {}
+        self._tenants_guard = threading.Lock()
+        self.turns = self._turns_for("")  # the default tenant: every request's when there are no keys
         # Plans and saves block on the store; threads of their own keep them off the event loop (and vLLM's engine
         # loop runs in its own process), out of the way of vLLM's use of the default executor. SQLite takes one
         # writer at a time and makes the others poll with growing sleeps (up to 100 ms), so on SQLite this host's
@@ -245,6 +274,16 @@ class AgentMemoryMiddleware:
             store.url,
             ", stateless requests allowed" if settings.allow_stateless else "",
         )
+        if self.keys is not None:
+            logger.info("API keys from %s: %d keys, tenants %s", self.keys.source, len(self.keys.entries),
+                        ", ".join(self.keys.tenants))  # fmt: skip
+
+    def _turns_for(self, tenant: str) -> AgentTurns:
+        with self._tenants_guard:
+            turns = self._tenants.get(tenant)
+            if turns is None:
+                turns = self._tenants[tenant] = self._new_turns(tenant)
+            return turns
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -252,10 +291,16 @@ class AgentMemoryMiddleware:
     async def _save(self, turn: Turn, out: _Outcome) -> SnapshotRecord:
         """The turn's save, written behind on a store thread; the caller awaits it before acknowledging the turn."""
         return await asyncio.get_running_loop().run_in_executor(
-            self._writer, self.turns.commit, turn, out.reply_ids, out.reply
+            self._writer, self._turns_for(turn.tenant).commit, turn, out.reply_ids, out.reply
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        tenant = ""
+        if self.keys is not None and scope["type"] in ("http", "websocket") and scope.get("path") not in OPEN_PATHS:
+            found = self.keys.tenant(bearer(scope.get("headers")))
+            if found is None:
+                return await _unauthorized(scope, send)
+            tenant = found
         if scope["type"] != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
@@ -273,7 +318,7 @@ class AgentMemoryMiddleware:
                 params = AgentParams.parse(kv)
             except InvalidInput as e:
                 return await _send_json(send, 400, http_error(e).body())
-            return await self._turn(scope, receive, send, params, body)
+            return await self._turn(scope, receive, send, params, body, tenant)
         if path in AGENT_ONLY_PATHS and kv is not None:
             err = HTTPError(400, f"agent requests go to {AGENT_PATH} (the prompt is the agent's new input)",
                             "InvalidInput", FIELD)  # fmt: skip
@@ -284,8 +329,10 @@ class AgentMemoryMiddleware:
 
     # ------------------------------------------------------------------ one agent turn
 
-    async def _turn(self, scope: Scope, receive: Receive, send: Send, params: AgentParams, body: dict) -> None:
-        turns = self.turns
+    async def _turn(
+        self, scope: Scope, receive: Receive, send: Send, params: AgentParams, body: dict, tenant: str = ""
+    ) -> None:
+        turns = self._turns_for(tenant)
         try:
             ids, max_tokens = turns.check(body)
         except AgentSleepError as e:

@@ -12,6 +12,9 @@ VLLM_MISSING = "vllm not installed (install agentsleep[vllm])"
 CONNECTOR_NAME = "FastWeightConnector"
 CONNECTOR_MODULE = "agentsleep.serving.connector"
 STORE_URL_KEY = "store_url"  # kv_connector_extra_config keys
+# The name of an environment variable holding the store URL: `agentsleep serve` passes the URL (a Postgres password)
+# this way, never on a command line, where every local user could read it with `ps`.
+STORE_URL_ENV_KEY = "store_url_env"
 SERVE_PID_ENV = "AGENTSLEEP_SERVE_PID"  # set by `agentsleep serve`: its processes die with it (plugin.py)
 BLOB_DIR_KEY = "blob_dir"
 RESIDENT_STATES_KEY = "resident_states"  # window headers the connector keeps (one per distinct S)
@@ -72,10 +75,17 @@ def require_vllm() -> None:
 
 
 def kv_transfer_config(
-    store_url: str, *, blob_dir: str | None = None, resident_states: int | None = None
+    store_url: str | None = None,
+    *,
+    blob_dir: str | None = None,
+    resident_states: int | None = None,
+    store_url_env: str | None = None,
 ) -> dict[str, Any]:
-    """The ``--kv-transfer-config`` object that enables `FastWeightConnector` with the given `SnapshotStore`."""
-    extra: dict[str, Any] = {STORE_URL_KEY: store_url}
+    """The ``--kv-transfer-config`` object that enables `FastWeightConnector` with the given `SnapshotStore`: its URL
+    itself (in-process configs only), or ``store_url_env``, the environment variable the connector reads it from."""
+    if (store_url is None) == (store_url_env is None):
+        raise ConfigError("kv_transfer_config needs exactly one of store_url and store_url_env")
+    extra: dict[str, Any] = {STORE_URL_KEY: store_url} if store_url is not None else {STORE_URL_ENV_KEY: store_url_env}
     if blob_dir is not None:
         extra[BLOB_DIR_KEY] = blob_dir
     if resident_states is not None:
@@ -96,6 +106,7 @@ __all__ = [
     "ENV_DEFAULTS",
     "RESIDENT_STATES_KEY",
     "SERVE_PID_ENV",
+    "STORE_URL_ENV_KEY",
     "STORE_URL_KEY",
     "VLLM_MISSING",
     "apply_env_defaults",

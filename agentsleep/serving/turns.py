@@ -77,6 +77,7 @@ class Turn:
     body: dict[str, Any] = field(default_factory=dict)  # the request for vLLM
     replay: SnapshotRecord | None = None  # a repeated turn id: the snapshot its first run saved
     lock: threading.Lock | None = None  # the agent's lock on this host, held from plan to release
+    tenant: str = ""  # the namespace of the agent (the `AgentTurns` store's tenant)
 
     @property
     def agent_id(self) -> str:
@@ -199,7 +200,7 @@ class AgentTurns:
                         "use a new turn_id for a new turn"
                     )
                 self.stats["replays"] += 1
-                return Turn(params, ids, max_tokens, None, done.id, replay=done)
+                return Turn(params, ids, max_tokens, None, done.id, replay=done, tenant=self.store.tenant)
         lock = self.agent_lock(agent_id)
         sleeps = 0  # synchronous sleeps this plan waited for (another host may fill the window again meanwhile)
         while True:
@@ -230,7 +231,7 @@ class AgentTurns:
                         f"({incoming} tokens incl. max_tokens) it exceeds the window L={self.L}; revive it and sleep "
                         "first"
                     )
-                turn = Turn(params, ids, max_tokens, base, current or NO_SNAPSHOT, lock=lock)
+                turn = Turn(params, ids, max_tokens, base, current or NO_SNAPSHOT, lock=lock, tenant=self.store.tenant)
                 turn.body = self._compose(turn, body)
                 return turn
             except BaseException:
@@ -278,9 +279,11 @@ class AgentTurns:
         out["return_token_ids"] = True  # the reply's token ids are what the turn saves
         if body.get("stream"):
             out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        kv = ConnectorParams(turn.agent_id, restore=False)
+        kv = ConnectorParams(turn.agent_id, restore=False, tenant=self.store.tenant)
         if base is not None:
-            kv = ConnectorParams(turn.agent_id, snapshot_id=base.record.id, state_key=base.key)
+            kv = ConnectorParams(
+                turn.agent_id, snapshot_id=base.record.id, state_key=base.key, tenant=self.store.tenant
+            )
         out[FIELD] = kv.to_dict()
         return out
 

@@ -70,7 +70,9 @@ def _store(ctx: click.Context, *, create: bool = False) -> SnapshotStore:
     mistyped URL must not leave an empty database (or directory) behind a ``list``."""
     obj: dict[str, Any] = ctx.ensure_object(dict)
     if "store" not in obj:
-        obj["store"] = ctx.with_resource(SnapshotStore(obj["url"], blob_dir=obj["blob_dir"], create=create))
+        obj["store"] = ctx.with_resource(
+            SnapshotStore(obj["url"], blob_dir=obj["blob_dir"], create=create, tenant=obj.get("tenant") or "")
+        )
     return obj["store"]
 
 
@@ -110,10 +112,19 @@ blob_dir_option = click.option(
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @url_option("Store database URL (env AGENTSLEEP_STORE_URL), e.g. sqlite:///agentsleep.db or postgresql+psycopg://...")
 @blob_dir_option
+@click.option(
+    "--tenant",
+    envvar="AGENTSLEEP_TENANT",
+    default="",
+    help="The tenant whose agents to see (env AGENTSLEEP_TENANT; default: the default tenant, as without keys).",
+)
 @click.pass_context
-def snapshots(ctx: click.Context, url: str, blob_dir: str | None) -> None:
-    """Inspect and manage agents' memory snapshots (fast weights + window)."""
-    ctx.ensure_object(dict).update(url=url, blob_dir=blob_dir)
+def snapshots(ctx: click.Context, url: str, blob_dir: str | None, tenant: str) -> None:
+    """Inspect and manage agents' memory snapshots (fast weights + window).
+
+    Every command sees one tenant's agents (``--tenant``); another tenant's agents and snapshots are unknown to it.
+    """
+    ctx.ensure_object(dict).update(url=url, blob_dir=blob_dir, tenant=tenant)
 
 
 @snapshots.command("list")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -47,8 +48,10 @@ def normalise_url(url: str | URL) -> URL:
     """Parse a database URL; bare ``postgresql://`` / ``postgres://`` get the psycopg 3 driver."""
     try:
         u = make_url(url)
-    except ArgumentError as e:
-        raise InvalidInput(f"not a database URL: {url!r} (e.g. sqlite:///agentsleep.db)") from e
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        # The URL may hold a password: masked, as everywhere the store shows its URL.
+        shown = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", str(url))
+        raise InvalidInput(f"not a database URL: {shown!r} (e.g. sqlite:///agentsleep.db)") from None
     if u.drivername in ("postgresql", "postgres"):
         u = u.set(drivername="postgresql+psycopg")
     if u.get_backend_name() not in ("sqlite", "postgresql"):

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from agentsleep.ids import ID_LEN  # agent ids are chosen by callers; snapshot ids are 32-char uuid hex
+from agentsleep.ids import ID_LEN, KEY_LEN  # agent ids are chosen by callers; snapshot ids are 32-char uuid hex
 
 # Stable constraint names, so migrations name the same constraint identically on SQLite and Postgres.
 NAMING_CONVENTION: dict[str, str] = {
@@ -41,6 +41,12 @@ NAMING_CONVENTION: dict[str, str] = {
 }
 
 FINGERPRINT_LEN = 128
+
+# An agent's key is its id, prefixed with its tenant outside the default tenant (`agentsleep.ids.agent_key`): up to
+# KEY_LEN characters. Postgres enforces varchar lengths, so there the columns are KEY_LEN wide (migration 0005);
+# SQLite never enforces them, and keeps the declared 128 of 0001 (widening would rebuild the tables, and a rebuild
+# of `agents` fires the ON DELETE CASCADE of every snapshot row).
+AGENT_KEY = String(ID_LEN).with_variant(String(KEY_LEN), "postgresql")
 
 
 def utcnow() -> datetime:
@@ -82,7 +88,7 @@ class Agent(Base):
 
     __tablename__ = "agents"
 
-    id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
+    id: Mapped[str] = mapped_column(AGENT_KEY, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_LEN))
     # {"ssm.0": [B, H, K, V], ...}: the fixed-size part of the state, checked on every save (see store.save).
@@ -121,7 +127,7 @@ class Snapshot(Base):
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    agent_id: Mapped[str] = mapped_column(String(ID_LEN), ForeignKey("agents.id", ondelete="CASCADE"))
+    agent_id: Mapped[str] = mapped_column(AGENT_KEY, ForeignKey("agents.id", ondelete="CASCADE"))
     # Lineage: the snapshot this one was consolidated from (or forked/imported from). Prune may delete a parent; the
     # reference then becomes NULL, because every snapshot is a complete state and needs no ancestor to load.
     parent_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("snapshots.id", ondelete="SET NULL"))

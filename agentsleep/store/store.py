@@ -23,11 +23,12 @@ import re
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 import torch
-from sqlalchemy import Engine, delete, func, select, text
+from sqlalchemy import ColumnElement, Engine, delete, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
@@ -44,7 +45,7 @@ from agentsleep.errors import (
     UnknownSnapshot,
     UnsupportedBackend,
 )
-from agentsleep.ids import check_agent_id, check_id
+from agentsleep.ids import DEFAULT_TENANT, TENANT_SEP, agent_key, check_agent_id, check_id, check_tenant
 from agentsleep.model.fingerprint import accepts, mismatch
 from agentsleep.model.state import FastWeights
 from agentsleep.store import jobs
@@ -126,6 +127,11 @@ class SnapshotStore:
         sqlite_synchronous: SQLite ``PRAGMA synchronous``; FULL survives power loss, NORMAL only process crashes.
         migrate: run Alembic ``upgrade head`` on open (idempotent, locked against concurrent openers).
         engine_kwargs: extra arguments for `sqlalchemy.create_engine` (pool sizes, echo, ...).
+        tenant: the namespace this store object sees (`agentsleep.ids.check_tenant`; default: the default tenant,
+            which holds every agent saved before tenants existed). Every call names agents and snapshots of this
+            tenant only: another tenant's agent id or snapshot id is unknown here (`UnknownAgent`,
+            `UnknownSnapshot`, the same query and message as for an id that exists nowhere). `for_tenant` opens
+            another tenant's view on the same connections.
         create: make a new store if there is none (a new SQLite file in an existing directory, the schema in an
             empty Postgres database, ``blob_dir`` itself). ``False`` refuses to: read-only tools (``agentsleep
             snapshots list``) must not turn a mistyped URL into an empty store.
@@ -146,7 +152,10 @@ class SnapshotStore:
         migrate: bool = True,
         engine_kwargs: dict[str, Any] | None = None,
         create: bool = True,
+        tenant: str = DEFAULT_TENANT,
     ) -> None:
+        self.tenant = check_tenant(tenant)
+        self._prefix = agent_key(tenant, "x")[:-1]  # what this tenant's agent keys start with ("" by default)
         self.inline_limit = check_int("inline_limit", inline_limit, 0, INT64_MAX)
         self.engine: Engine = make_engine(
             url, sqlite_synchronous=sqlite_synchronous, engine_kwargs=engine_kwargs, create=create
@@ -178,7 +187,43 @@ class SnapshotStore:
         self.close()
 
     def __repr__(self) -> str:
-        return f"SnapshotStore({self.url!r})"
+        return f"SnapshotStore({self.url!r}{f', tenant={self.tenant!r}' if self.tenant else ''})"
+
+    def for_tenant(self, tenant: str) -> SnapshotStore:
+        """The same store (connections, blob directory) as seen by ``tenant``. Closing either closes both."""
+        view = object.__new__(SnapshotStore)
+        view.__dict__.update(self.__dict__)
+        view.tenant = check_tenant(tenant)
+        view._prefix = agent_key(tenant, "x")[:-1]
+        return view
+
+    # ---------------------------------------------------------------- tenants: keys in, ids out
+
+    def _key(self, agent_id: str) -> str:
+        """The store key of this tenant's ``agent_id`` (validated)."""
+        return agent_key(self.tenant, check_agent_id(agent_id))
+
+    def _name(self, key: str) -> str:
+        """The caller's agent id of one of this tenant's keys."""
+        return key[len(self._prefix) :]
+
+    def _ours(self, key_column: Any) -> ColumnElement[bool]:
+        """SQL: the agent key in ``key_column`` belongs to this tenant."""
+        if self._prefix:
+            return key_column.startswith(self._prefix, autoescape=True)
+        return ~key_column.contains(TENANT_SEP, autoescape=True)
+
+    def _rec(self, rec: SnapshotRecord) -> SnapshotRecord:
+        """A record as this tenant sees it (its agent key back to the caller's id). Only for records leaving the
+        store: the record checksum covers the stored key."""
+        return replace(rec, agent_id=self._name(rec.agent_id)) if self._prefix else rec
+
+    def _snapshot(self, s: Session, snapshot_id: str, *, payload: bool = False) -> Snapshot | None:
+        """This tenant's snapshot row, or None (whether it is missing or another tenant's: one query either way)."""
+        stmt = select(Snapshot).where(Snapshot.id == snapshot_id, self._ours(Snapshot.agent_id))
+        if payload:
+            stmt = stmt.options(undefer(Snapshot.payload))
+        return s.scalars(stmt).one_or_none()
 
     # ---------------------------------------------------------------- units of work
 
@@ -202,9 +247,9 @@ class SnapshotStore:
         return s.execute(stmt.returning(Agent.id)).first() is not None
 
     @staticmethod
-    def _lock_agent(s: Session, agent_id: str) -> Agent:
+    def _lock_agent(s: Session, key: str, agent_id: str) -> Agent:
         # FOR UPDATE: the agent row serialises writers of one agent on Postgres (SQLite: BEGIN IMMEDIATE already did).
-        agent = s.scalars(select(Agent).where(Agent.id == agent_id).with_for_update()).one_or_none()
+        agent = s.scalars(select(Agent).where(Agent.id == key).with_for_update()).one_or_none()
         if agent is None:
             raise UnknownAgent(f"no agent {agent_id!r} in the snapshot store; save a snapshot for it first")
         return agent
@@ -299,7 +344,7 @@ class SnapshotStore:
         new_agent: bool = False,
         expect_current: str | None = None,
     ) -> SnapshotRecord:
-        _check_agent_id(agent_id)
+        key = self._key(agent_id)
         if expect_current is not None and not isinstance(expect_current, str):
             raise InvalidInput(f"expect_current must be a snapshot id (str) or None, got {expect_current!r}")
         if not isinstance(new_agent, bool):
@@ -320,10 +365,10 @@ class SnapshotStore:
             path = self.blobs.put(sha, payload)  # the expensive write, durable before the transaction starts
 
         with self._write() as s:
-            created = self._insert_agent_if_absent(s, agent_id, fingerprint, shapes)
+            created = self._insert_agent_if_absent(s, key, fingerprint, shapes)
             if new_agent and not created:
                 raise InvalidInput(f"agent {agent_id!r} already exists; choose a new agent id")
-            agent = self._lock_agent(s, agent_id)
+            agent = self._lock_agent(s, key, agent_id)
             if expect_current is not None and agent.current_snapshot_id != (expect_current or None):
                 # Checked under the row lock (Postgres FOR UPDATE, SQLite BEGIN IMMEDIATE): a compare-and-set.
                 raise SnapshotConflict(
@@ -340,14 +385,14 @@ class SnapshotStore:
                 )
             if isinstance(parent, _CurrentParent):
                 parent_id = agent.current_snapshot_id
-                if parent_id is not None and s.get(Snapshot, parent_id) is None:
+                if parent_id is not None and self._snapshot(s, parent_id) is None:
                     # A pointer left dangling by an edit outside agentsleep (SQLite with foreign keys off): the new
                     # snapshot starts a fresh lineage instead of failing every save from now on.
                     log.warning("agent %r points at missing snapshot %s; saving without a parent", agent_id, parent_id)
                     parent_id = None
             else:
                 parent_id = parent
-                if parent_id is not None and s.get(Snapshot, parent_id) is None:
+                if parent_id is not None and self._snapshot(s, parent_id) is None:
                     raise UnknownSnapshot(f"parent snapshot {parent_id!r} does not exist")
             if path is not None:
                 # Under the file's lock: no prune or delete can unlink it between this check and our commit.
@@ -356,7 +401,7 @@ class SnapshotStore:
             agent.last_seq += 1
             snap = Snapshot(
                 id=_new_id(),
-                agent_id=agent_id,
+                agent_id=key,
                 parent_id=parent_id,
                 seq=agent.last_seq,
                 created_at=utcnow(),
@@ -377,7 +422,7 @@ class SnapshotStore:
             s.add(snap)
             s.flush()  # the row must exist before the agent points at it (the FK is checked per statement)
             agent.current_snapshot_id = snap.id
-            record = SnapshotRecord.from_row(snap)
+            record = self._rec(SnapshotRecord.from_row(snap))
         log.debug("saved %s", record)
         return record
 
@@ -387,33 +432,33 @@ class SnapshotStore:
         """A snapshot's metadata, without reading or verifying its payload. Raises `UnknownSnapshot`."""
         check_snapshot_id(snapshot_id)
         with self._read() as s:
-            snap = s.get(Snapshot, snapshot_id)
+            snap = self._snapshot(s, snapshot_id)
             if snap is None:
                 raise UnknownSnapshot(f"no snapshot {snapshot_id!r} in the snapshot store")
-            return SnapshotRecord.from_row(snap)
+            return self._rec(SnapshotRecord.from_row(snap))
 
     def current_id(self, agent_id: str) -> str | None:
         """The agent's current snapshot id, or None for an unknown agent (one indexed read, no payload): the cheap
         version check of a cache that holds the agent's memory."""
-        _check_agent_id(agent_id)
+        key = self._key(agent_id)
         with self._read() as s:
-            return s.scalar(select(Agent.current_snapshot_id).where(Agent.id == agent_id))
+            return s.scalar(select(Agent.current_snapshot_id).where(Agent.id == key))
 
     def find_by_metadata(self, agent_id: str, key: str, value: str) -> SnapshotRecord | None:
         """The newest snapshot of ``agent_id`` whose ``metadata[key]`` is the string ``value`` (None if none), e.g.
         the snapshot a served turn with an idempotency key wrote. Scans the agent's snapshots, not the whole store."""
-        _check_agent_id(agent_id)
+        agent_key_ = self._key(agent_id)
         if not isinstance(key, str) or not key or not isinstance(value, str):
             raise InvalidInput(f"find_by_metadata needs a non-empty str key and a str value, got {key!r}, {value!r}")
         with self._read() as s:
             # The SQL filter compares text (Postgres renders a JSON number 1 as "1"); the exact test is in Python.
             rows = s.scalars(
                 select(Snapshot)
-                .where(Snapshot.agent_id == agent_id, Snapshot.meta[key].as_string() == value)
+                .where(Snapshot.agent_id == agent_key_, Snapshot.meta[key].as_string() == value)
                 .order_by(Snapshot.seq.desc())
             )
             snap = next((r for r in rows if (r.meta or {}).get(key) == value), None)
-            return SnapshotRecord.from_row(snap) if snap is not None else None
+            return self._rec(SnapshotRecord.from_row(snap)) if snap is not None else None
 
     def load(
         self,
@@ -439,11 +484,12 @@ class SnapshotStore:
         """
         check_snapshot_id(snapshot_id)
         with self._read() as s:
-            snap = s.get(Snapshot, snapshot_id, options=[undefer(Snapshot.payload)])
+            snap = self._snapshot(s, snapshot_id, payload=True)
             if snap is None:
                 raise UnknownSnapshot(f"no snapshot {snapshot_id!r} in the snapshot store")
             record, data, path = SnapshotRecord.from_row(snap), snap.payload, snap.payload_path
-        return self._decode(record, data, path, fingerprint=fingerprint, shapes=shapes, device=device)
+        loaded = self._decode(record, data, path, fingerprint=fingerprint, shapes=shapes, device=device)
+        return replace(loaded, record=self._rec(loaded.record))
 
     def latest(
         self,
@@ -466,13 +512,13 @@ class SnapshotStore:
             SnapshotCorrupt, SnapshotMismatch: as `load` (with fallback: only when no snapshot verifies). A dangling
                 pointer is `SnapshotCorrupt` without fallback.
         """
-        _check_agent_id(agent_id)
+        key = self._key(agent_id)
         with self._read() as s:
             # One statement, so a concurrent save cannot slip between reading the pointer and the row.
             row = s.execute(
                 select(Agent.current_snapshot_id, Snapshot)
                 .outerjoin(Snapshot, Agent.current_snapshot_id == Snapshot.id)
-                .where(Agent.id == agent_id)
+                .where(Agent.id == key)
                 .options(undefer(Snapshot.payload))
             ).first()
             if row is None:
@@ -494,7 +540,8 @@ class SnapshotStore:
             return self._newest_verifying(agent_id, None, problem, fingerprint, shapes, device)
         record, data, path = found
         try:
-            return self._decode(record, data, path, fingerprint=fingerprint, shapes=shapes, device=device)
+            loaded = self._decode(record, data, path, fingerprint=fingerprint, shapes=shapes, device=device)
+            return replace(loaded, record=self._rec(loaded.record))
         except SnapshotCorrupt as first:
             if not fallback:
                 raise
@@ -577,7 +624,7 @@ class SnapshotStore:
 
     def _verifies(self, s: Session, snapshot_id: str) -> bool:
         """Whether a snapshot loads and verifies, read in the caller's transaction."""
-        snap = s.get(Snapshot, snapshot_id, options=[undefer(Snapshot.payload)])
+        snap = self._snapshot(s, snapshot_id, payload=True)
         if snap is None:
             return False
         try:
@@ -593,8 +640,7 @@ class SnapshotStore:
 
     def agent(self, agent_id: str) -> AgentRecord:
         """One agent. Raises `UnknownAgent`."""
-        _check_agent_id(agent_id)
-        rows = self._agents(agent_id)
+        rows = self._agents(self._key(agent_id))
         if not rows:
             raise UnknownAgent(f"no agent {agent_id!r} in the snapshot store")
         return rows[0]
@@ -603,26 +649,26 @@ class SnapshotStore:
         """Every agent, by id."""
         return self._agents(None)
 
-    def _agents(self, agent_id: str | None) -> list[AgentRecord]:
+    def _agents(self, key: str | None) -> list[AgentRecord]:
         n = select(func.count(Snapshot.id)).where(Snapshot.agent_id == Agent.id).scalar_subquery()
         cur = select(Snapshot.seq).where(Snapshot.id == Agent.current_snapshot_id).scalar_subquery()
         stmt = select(Agent, n, cur).order_by(Agent.id)
-        if agent_id is not None:
-            stmt = stmt.where(Agent.id == agent_id)
+        stmt = stmt.where(self._ours(Agent.id)) if key is None else stmt.where(Agent.id == key)
         with self._read() as s:
-            return [AgentRecord.from_row(a, int(k), c) for a, k, c in s.execute(stmt).all()]
+            rows = [AgentRecord.from_row(a, int(k), c) for a, k, c in s.execute(stmt).all()]
+        return [replace(r, id=self._name(r.id)) for r in rows] if self._prefix else rows
 
     def history(self, agent_id: str) -> list[SnapshotRecord]:
         """The agent's snapshots, oldest first (sequence order, which is lineage order for a linear agent).
 
         Raises `UnknownAgent`.
         """
-        _check_agent_id(agent_id)
+        key = self._key(agent_id)
         with self._read() as s:
-            if s.get(Agent, agent_id) is None:
+            if s.get(Agent, key) is None:
                 raise UnknownAgent(f"no agent {agent_id!r} in the snapshot store")
-            rows = s.scalars(select(Snapshot).where(Snapshot.agent_id == agent_id).order_by(Snapshot.seq)).all()
-            return [SnapshotRecord.from_row(r) for r in rows]
+            rows = s.scalars(select(Snapshot).where(Snapshot.agent_id == key).order_by(Snapshot.seq)).all()
+            return [self._rec(SnapshotRecord.from_row(r)) for r in rows]
 
     def lineage(self, snapshot_id: str) -> list[SnapshotRecord]:
         """The chain of parents ending at ``snapshot_id``, root first; crosses agents at forks, stops at a pruned
@@ -633,13 +679,13 @@ class SnapshotStore:
         with self._read() as s:
             sid: str | None = snapshot_id
             while sid is not None and sid not in seen:
-                snap = s.get(Snapshot, sid)
+                snap = self._snapshot(s, sid)  # a lineage never leaves its tenant
                 if snap is None:
                     if not chain:
                         raise UnknownSnapshot(f"no snapshot {snapshot_id!r} in the snapshot store")
                     break
                 seen.add(sid)
-                chain.append(SnapshotRecord.from_row(snap))
+                chain.append(self._rec(SnapshotRecord.from_row(snap)))
                 sid = snap.parent_id
         return chain[::-1]
 
@@ -679,15 +725,17 @@ class SnapshotStore:
 
         Raises `UnknownAgent`, `UnknownSnapshot`, `InvalidInput` (snapshot of another agent).
         """
-        _check_agent_id(agent_id)
+        key = self._key(agent_id)
         check_snapshot_id(snapshot_id)
         with self._write() as s:
-            agent = self._lock_agent(s, agent_id)
-            snap = s.get(Snapshot, snapshot_id)
+            agent = self._lock_agent(s, key, agent_id)
+            snap = self._snapshot(s, snapshot_id)
             if snap is None:
                 raise UnknownSnapshot(f"no snapshot {snapshot_id!r} in the snapshot store")
-            if snap.agent_id != agent_id:
-                raise InvalidInput(f"snapshot {snapshot_id} belongs to agent {snap.agent_id!r}, not {agent_id!r}")
+            if snap.agent_id != key:
+                raise InvalidInput(
+                    f"snapshot {snapshot_id} belongs to agent {self._name(snap.agent_id)!r}, not {agent_id!r}"
+                )
             agent.current_snapshot_id = snapshot_id
         return self.agent(agent_id)
 
@@ -724,7 +772,7 @@ class SnapshotStore:
         parent: str | None = None
         if origin is not None and len(origin) <= SNAPSHOT_ID_LEN and origin.isascii() and origin.isprintable():
             with self._read() as s:
-                parent = origin if s.get(Snapshot, origin) is not None else None
+                parent = origin if self._snapshot(s, origin) is not None else None
         passes = from_file(rec, "passes", int)
         tokens = from_file(rec, "tokens_consolidated", int)
         thread = from_file(rec, "thread_id", str)
@@ -772,15 +820,13 @@ class SnapshotStore:
 
     def prune_candidates(self, agent_id: str, *, keep: int) -> list[SnapshotRecord]:
         """What `prune` would delete now, oldest first."""
-        _check_agent_id(agent_id)
+        key = self._key(agent_id)
         self._check_keep(keep)
         with self._read() as s:
-            agent = s.get(Agent, agent_id)
+            agent = s.get(Agent, key)
             if agent is None:
                 raise UnknownAgent(f"no agent {agent_id!r} in the snapshot store")
-            rows = [
-                (r[0], r[1]) for r in s.execute(select(Snapshot.id, Snapshot.seq).where(Snapshot.agent_id == agent_id))
-            ]
+            rows = [(r[0], r[1]) for r in s.execute(select(Snapshot.id, Snapshot.seq).where(Snapshot.agent_id == key))]
             victims = set(self._spare_last_good(s, rows, self._victims(rows, keep, agent.current_snapshot_id)))
         return [r for r in self.history(agent_id) if r.id in victims]
 
@@ -797,13 +843,11 @@ class SnapshotStore:
         loading and its ``parent_id`` becomes NULL (also across agents, for forks). Returns the number deleted.
         Raises `UnknownAgent`, `InvalidInput`.
         """
-        _check_agent_id(agent_id)
+        key = self._key(agent_id)
         self._check_keep(keep)
         with self._write() as s:
-            agent = self._lock_agent(s, agent_id)
-            rows = [
-                (r[0], r[1]) for r in s.execute(select(Snapshot.id, Snapshot.seq).where(Snapshot.agent_id == agent_id))
-            ]
+            agent = self._lock_agent(s, key, agent_id)
+            rows = [(r[0], r[1]) for r in s.execute(select(Snapshot.id, Snapshot.seq).where(Snapshot.agent_id == key))]
             victims = self._spare_last_good(s, rows, self._victims(rows, keep, agent.current_snapshot_id))
             paths = self._delete_snapshots(s, victims)
         self._release_files(paths)
@@ -839,16 +883,16 @@ class SnapshotStore:
         Snapshots of other agents forked from it keep loading; their ``parent_id`` becomes NULL.
         Raises `UnknownAgent`.
         """
-        _check_agent_id(agent_id)
+        key = self._key(agent_id)
         with self._write() as s:
-            agent = self._lock_agent(s, agent_id)
+            agent = self._lock_agent(s, key, agent_id)
             agent.current_snapshot_id = None
             s.flush()
-            ids = list(s.scalars(select(Snapshot.id).where(Snapshot.agent_id == agent_id)))
+            ids = list(s.scalars(select(Snapshot.id).where(Snapshot.agent_id == key)))
             paths = self._delete_snapshots(s, ids)
             if self.dialect == "postgresql" and jobs.has_procrastinate_schema(s.connection()):
-                jobs.forget_agent_jobs(s, agent_id)
-            s.execute(delete(Agent).where(Agent.id == agent_id), execution_options={"synchronize_session": False})
+                jobs.forget_agent_jobs(s, key)
+            s.execute(delete(Agent).where(Agent.id == key), execution_options={"synchronize_session": False})
         self._release_files(paths)
         log.info("deleted agent %r and %d snapshots", agent_id, len(ids))
         return len(ids)
@@ -923,31 +967,39 @@ class SnapshotStore:
             UnknownAgent: no such agent. InvalidInput: a bad ``passes``.
             StoreError: the database failed, or procrastinate's schema is missing (opened with ``migrate=False``).
         """
-        _check_agent_id(agent_id)
+        key = self._key(agent_id)
         if passes is not None:
             check_int("passes", passes, 1, INT32_MAX)
         self._require_queue()
         with self._write() as s:
-            agent = s.get(Agent, agent_id)
+            agent = s.get(Agent, key)
             if agent is None:
                 raise UnknownAgent(f"no agent {agent_id!r} in the snapshot store")
             if not jobs.has_procrastinate_schema(s.connection()):
                 raise StoreError("this database has no sleep-job queue (procrastinate's schema); open it with migrate")
-            job_id, created = jobs.defer_sleep(s, agent_id, agent.fingerprint, passes)
-            (job,) = [j for j in jobs.list_sleep_jobs(s, agent_id) if j.id == job_id]
+            job_id, created = jobs.defer_sleep(s, key, agent.fingerprint, passes)
+            (job,) = [j for j in self._jobs(s, key) if j.id == job_id]
         log.info("sleep of agent %r %s as job %d", agent_id, "queued" if created else "already waiting", job_id)
         return job
 
     def sleep_jobs(self, agent_id: str | None = None) -> list[SleepJobRecord]:
         """Sleep jobs in the queue, oldest first (optionally one agent's); always empty on SQLite."""
-        if agent_id is not None:
-            _check_agent_id(agent_id)
+        key = self._key(agent_id) if agent_id is not None else None
         if self.dialect != "postgresql":
             return []
         with self._read() as s:
             if not jobs.has_procrastinate_schema(s.connection()):
                 return []
-            return jobs.list_sleep_jobs(s, agent_id)
+            return self._jobs(s, key)
+
+    def _jobs(self, s: Session, key: str | None) -> list[SleepJobRecord]:
+        """This tenant's sleep jobs (one agent's with ``key``), with the caller's agent ids."""
+        out = []
+        for job in jobs.list_sleep_jobs(s, key):
+            mine = job.agent_id.startswith(self._prefix) if self._prefix else TENANT_SEP not in job.agent_id
+            if mine:
+                out.append(replace(job, agent_id=self._name(job.agent_id)) if self._prefix else job)
+        return out
 
 
 @contextmanager

