@@ -105,7 +105,8 @@ def package_version() -> str:
 
 
 class FamilyConfig(TaskConfig):
-    """Family stories from reasoning-gym, word-level tokens, laid out as an agent hears them. Defaults: the CPU toy."""
+    """Family stories from reasoning-gym, word-level tokens, laid out as an agent hears them. Defaults: reasoning-gym's
+    own family sizes and names; the ``toy`` preset is the CPU-trained setting."""
 
     task_name = "family"
     task_id = 6
@@ -193,7 +194,8 @@ class FamilyConfig(TaskConfig):
 
 
 PRESETS: dict[str, FamilyConfig] = {
-    "toy": FamilyConfig(),
+    # What the shipped checkpoints were trained on (docs/english.md): two couples, 16 names, 2-4 story windows.
+    "toy": FamilyConfig(max_family_size=6, names_per_gender=8),
     # Bigger families: uncles, aunts, nieces and nephews (3 hops), more couples, more windows.
     "large": FamilyConfig(min_family_size=6, max_family_size=11, L=24),
     "paper": FamilyConfig(min_family_size=6, max_family_size=11, L=64, chatter=8),

@@ -199,7 +199,7 @@ def test_score_is_reasoning_gyms() -> None:
 
 
 def test_tokenizer_reads_and_writes_english(tmp_path) -> None:
-    task = get_task("family", test_size=0)
+    task = get_task("family", test_size=0, names_per_gender=0, max_family_size=8)  # all of reasoning-gym's names
     tok = Tokenizer.from_file(str(task.save_tokenizer(tmp_path)))
     text = "Lily is married to Owen. They have children called Mia, Zoe and Kai. What is Lily to Mia? mother-in-law"
     ids = tok.encode(text).ids
