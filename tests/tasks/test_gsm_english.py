@@ -103,3 +103,21 @@ def test_seeds_dedup_and_chatter() -> None:
         CFG.encode("Zyxwv has 3 apples.")
     with pytest.raises(ValueError):
         GSMEnglishConfig(reserve=40)
+
+
+@pytest.mark.parametrize("name", ["family", "gsm_english"])
+def test_trains_end_to_end_with_its_word_level_tokenizer(name: str, tmp_path) -> None:
+    """`agentsleep train`'s loop on an English task: variable-length rows bucketed by window count, the checkpoint
+    carries the WordLevel tokenizer, and its eval is reasoning-gym's score."""
+    from agentsleep.model.hybrid import SleepHybrid
+    from agentsleep.train import TrainConfig, train
+
+    knobs = {"test_size": 8} | ({"vocab_sample": 300} if name == "gsm_english" else {})
+    cfg = TrainConfig(task=name, task_overrides=knobs, model={"layout": "ag"}, passes=2, steps=2, batch_size=4,
+                      eval_every=0, eval_size=8, final_eval_size=8, save_every=0)  # fmt: skip
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert set(result["eval"]) >= {"exact", "loss"} and 0.0 <= result["eval"]["exact"] <= 1.0
+    tok = Tokenizer.from_file(str(tmp_path / "run" / "tokenizer.json"))
+    task = get_task(name, **knobs)
+    assert tok.get_vocab() == task.tokenizer().get_vocab()
+    assert SleepHybrid.from_pretrained(tmp_path / "run").config.vocab_size == task.vocab_size
