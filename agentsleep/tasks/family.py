@@ -266,10 +266,10 @@ def test_keys(cfg: FamilyConfig) -> frozenset[str]:
     """Story hashes of the canonical test set (``test_size`` examples at ``test_seed``), cached per config."""
     ck = cfg.model_dump_json()
     if ck not in _TEST_KEYS:
-        _TEST_KEYS[ck] = frozenset(
-            _draw(cfg, "test", cfg.test_seed, j, _wanted_hops(cfg, "test", j), frozenset())["key"]
-            for j in range(cfg.test_size)
-        )
+        seen: set[str] = set()
+        for j in range(cfg.test_size):  # the same draws as generate("test", ...): no duplicate story
+            seen.add(_draw(cfg, "test", cfg.test_seed, j, _wanted_hops(cfg, "test", j), frozenset(seen))["key"])
+        _TEST_KEYS[ck] = frozenset(seen)
     return _TEST_KEYS[ck]
 
 

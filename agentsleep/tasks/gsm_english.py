@@ -194,9 +194,10 @@ _TEST_KEYS: dict[str, frozenset[str]] = {}
 def test_keys(cfg: GSMEnglishConfig) -> frozenset[str]:
     ck = cfg.model_dump_json()
     if ck not in _TEST_KEYS:
-        _TEST_KEYS[ck] = frozenset(
-            _draw(cfg, "test", cfg.test_seed, j, frozenset())["key"] for j in range(cfg.test_size)
-        )
+        seen: set[str] = set()
+        for j in range(cfg.test_size):  # the same draws as generate("test", ...): no duplicate problem
+            seen.add(_draw(cfg, "test", cfg.test_seed, j, frozenset(seen))["key"])
+        _TEST_KEYS[ck] = frozenset(seen)
     return _TEST_KEYS[ck]
 
 
