@@ -175,7 +175,7 @@ def demo(
         command=_command(click.get_current_context()),
         driver="AgentHost: TorchEngine + SQLite SnapshotStore + SleepPolicy + SleepScheduler",
         facts={
-            "episodes": f"English {n_english}, retrieval {n}, math {n_math}",
+            "episodes": ", ".join(f"{b.key} {len(b.episodes)}" for b in blocks),
             "seed": seed,
             "kill and revive": kill,
             "child processes": "spawn (python -m agentsleep.episodes.worker)" if spawn else "forkserver",
