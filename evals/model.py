@@ -49,6 +49,7 @@ log = logging.getLogger("evals.model")
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "evals" / "results"
 RUNS = REPO / "runs" / "evals"
+BASELINES = ("attn_full", "attn_evict", "hybrid_2x")
 
 
 @dataclass
@@ -89,7 +90,7 @@ def variants(args: argparse.Namespace, base_layout: str) -> list[Variant]:
         scale = args.lr_scale.get(n, 1.0)
         ov = {"lr_muon": args.lr_muon * scale, "lr_adamw": args.lr_adamw * scale}
         out.append(Variant(f"n{n}", f"sleep N={n}", n, ov))
-    if args.baselines:
+    if args.baselines is not None:
         task = make_task(TrainConfig(task=args.task, preset=args.preset, task_overrides=args.task_set))
         attn = "a" * len(base_layout)
         lr = {"lr_muon": args.lr_muon, "lr_adamw": args.lr_adamw}
@@ -104,6 +105,8 @@ def variants(args: argparse.Namespace, base_layout: str) -> list[Variant]:
             Variant("attn_evict", "full attention, hard eviction", 1, {**lr, "model": {"layout": attn}}, True),
             Variant("hybrid_2x", "hybrid 2x depth, N=1", 1, {**lr, "model": {"layout": base_layout * 2}}, True),
         ]
+        if args.baselines:  # a subset was named
+            out = [v for v in out if not v.baseline or v.key in args.baselines]
     return out
 
 
@@ -330,7 +333,7 @@ def markdown(args: argparse.Namespace, data: dict[str, Any], command: str) -> st
     if ks:
         lines += [
             "",
-            "## Per hop count k (exact match of the whole answer name; answer-token CE in brackets)",
+            "## Per hop count k (exact match of the whole answer; answer-token CE in brackets where logged)",
             "",
             "| variant | " + " | ".join(f"k={k}" for k in ks) + " |",
             "|---|" + "---|" * len(ks),
@@ -340,7 +343,7 @@ def markdown(args: argparse.Namespace, data: dict[str, Any], command: str) -> st
             for k in ks:
                 ex = np.mean([p["eval"].get(f"exact_k{k}", math.nan) for p in v["seeds"]])
                 ce = np.mean([p["eval"].get(f"ce_k{k}", math.nan) for p in v["seeds"]])
-                cells.append(f"{ex:.3f} ({ce:.2f})")
+                cells.append(f"{ex:.3f}" if math.isnan(ce) else f"{ex:.3f} ({ce:.2f})")
             lines.append(f"| {v['label']} | " + " | ".join(cells) + " |")
     lines += ["", f"Plot: `{args.name}.png`. Raw numbers: `{args.name}.json`.", ""]
     if args.notes:
@@ -429,7 +432,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", dest="model_set", action="append", default=[], help="HybridConfig KEY=VALUE")
     p.add_argument("--passes", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--baselines", action="store_true", help="add the three baselines (see module docstring)")
+    p.add_argument(
+        "--baselines",
+        nargs="*",
+        choices=list(BASELINES),
+        default=None,
+        help="add the baselines (see module docstring): all three when none is named",
+    )
     p.add_argument("--baseline-seeds", type=int, nargs="+", default=None, help="default: the first seed")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=64)

@@ -10,6 +10,9 @@
 * `stateful_gsm_episodes` (§4.1): reasoning-gym's English problems, every sentence but the last as context, a sleep,
   then the last sentence as the question — rendered into a symbolic checkpoint's vocabulary (digits and operators
   survive, words become ``<unk>``): a plumbing check scored by reasoning-gym's own scorer, not a capability test.
+* `english_episodes` (readable): the English tasks' test rows (`family`: reasoning-gym family stories; `gsm_english`:
+  its stateful GSM problems) as one message per sentence, small-talk distractors among them, a sleep, then the
+  question in plain English; the answer is a word (or a number), scored by reasoning-gym's own ``score_answer``.
 
 Every builder is a pure function of (task config, n, seed); ids are the task tokenizer's.
 """
@@ -23,10 +26,12 @@ import numpy as np
 
 from agentsleep.episodes.types import Episode, Question, Turn
 from agentsleep.errors import InvalidInput
-from agentsleep.tasks import depo, gsm
+from agentsleep.tasks import depo, family, gsm, gsm_english
 from agentsleep.tasks.base import EOS, UNK, seed_sequence
 from agentsleep.tasks.depo import DepoConfig
+from agentsleep.tasks.family import FamilyConfig
 from agentsleep.tasks.gsm import GSMSymbolicConfig
+from agentsleep.tasks.gsm_english import GSMEnglishConfig
 
 _EPISODE_STREAM = 7  # seed sub-stream of the episode layout (turn sizes, interleaving), disjoint from the generators'
 
@@ -347,9 +352,77 @@ def stateful_gsm_episodes(
     return episodes
 
 
+# --------------------------------------------------------------------------------------------------- English
+
+
+def english_episodes(config: FamilyConfig | GSMEnglishConfig, n: int, seed: int = 0) -> list[Episode]:
+    """``n`` readable episodes from an English task's test split (the rows its checkpoint is scored on).
+
+    Each sentence of the story (or problem) is one user message, with the row's small-talk distractors among them;
+    the question is the last message, asked after a sleep (``sleep_before``: the facts live only in S), and the agent
+    replies with at most ``config.reserve`` tokens, stopping at ``<eos>``. Because the task lays its rows out exactly
+    as the runtime sleeps between messages, the windows the agent consolidates are the windows the model trained on.
+    """
+    if isinstance(config, FamilyConfig):
+        kind, batch = "family", family.generate("test", n, seed, config)
+        encode, group = config.encode, "hops"
+    elif isinstance(config, GSMEnglishConfig):
+        kind, batch = "gsm_english", gsm_english.generate("test", n, seed, config)
+        encode, group = config.encode_lenient, "facts"
+    else:
+        raise InvalidInput(f"english_episodes needs a family or gsm_english config, got {type(config).__name__}")
+    eos = config.eos_id
+    episodes = []
+    for i, meta in enumerate(batch.meta):
+        turns = [Turn(ids=tuple(encode(m["text"])), role=m["role"]) for m in meta["messages"]]
+        turns.append(
+            Turn(
+                ids=tuple(encode(meta["question"])),
+                reply=config.reserve,
+                question=0,
+                sleep_before=True,  # the agent was idle between hearing the story and being asked
+                role="question",
+            )
+        )
+        expected = (*encode(meta["answer"]), eos)
+        episodes.append(
+            Episode(
+                id=f"{kind}-s{seed}-{i}",
+                kind=kind,  # type: ignore[arg-type]
+                variant="chatter" if any(m["role"] == "distractor" for m in meta["messages"]) else "plain",
+                turns=tuple(turns),
+                questions=(
+                    Question(
+                        expected=expected,
+                        group=f"{group}={meta['k']}",
+                        answer=meta["answer"],
+                        meta={"k": meta["k"], "question": meta["question"], "rg_seed": meta["rg_seed"]},
+                    ),
+                ),
+                stop_ids=(eos,),
+                stop_text=EOS,
+                reserve=config.reserve,
+                meta={"seed": seed, "index": i, "windows": meta["windows"]},
+            )
+        )
+    return episodes
+
+
+def english_score(episode: Episode, answer: str) -> float:
+    """reasoning-gym's own score of a decoded answer to an English episode's question (1.0 = correct)."""
+    expected = episode.questions[0].answer
+    if episode.kind == "family":
+        return family.score_answer(answer, expected)
+    if episode.kind == "gsm_english":
+        return gsm_english.score_answer(answer or None, expected)
+    raise InvalidInput(f"{episode.id} is not an English episode")
+
+
 __all__ = [
     "default_split",
     "depo_episodes",
+    "english_episodes",
+    "english_score",
     "gsm_episodes",
     "parse_depo_row",
     "parse_gsm_reply",

@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-DEFAULT_KINDS = "retrieval,math_last"
+DEFAULT_KINDS = "family"
+TRANSCRIPTS_SHOWN = 2  # transcripts printed to the terminal per English block (the report has more)
 
 
 def _command(ctx: click.Context) -> str:
@@ -50,12 +51,19 @@ def _command(ctx: click.Context) -> str:
     default=None,
     help="Math episodes (1 question each)  [default: 3 x --episodes]",
 )
+@click.option(
+    "--english-episodes",
+    "n_english",
+    default=30,
+    show_default=True,
+    help="Episodes of the English kinds (family, gsm_english; 1 question each).",
+)
 @click.option("--seed", default=0, show_default=True, help="Episode and kill-turn seed.")
 @click.option(
     "--kinds",
     default=DEFAULT_KINDS,
     show_default=True,
-    help="Comma-separated: retrieval, retrieval_nodecoy, math_last, math_first, stateful_gsm.",
+    help="Comma-separated: family, gsm_english, retrieval, retrieval_nodecoy, math_last, math_first, stateful_gsm.",
 )
 @click.option("--kill/--no-kill", default=True, show_default=True, help="SIGKILL each episode once and revive it.")
 @click.option(
@@ -69,14 +77,17 @@ def demo(
     out: str,
     n: int,
     n_math: int | None,
+    n_english: int,
     seed: int,
     kinds: str,
     kill: bool,
     spawn: bool,
     progress: bool,
 ) -> None:
-    """Run short retrieval and math episodes for N=1, the best N and window truncation; print a score table and write
-    a Markdown report with PNG plots under --out.
+    """Run short agent episodes in plain English (family stories from reasoning-gym: facts over many messages among
+    small talk, sleeps, then a question) for N=1, the best N, window truncation and full attention; print a score
+    table and transcripts, and write a Markdown report with transcripts and PNG plots under --out. Other kinds
+    (Depo retrieval, symbolic math) are the research episodes (--kinds).
 
     Every episode's agent lives in a child process with a SQLite snapshot store; the process is SIGKILLed after a
     random turn (sometimes while a background sleep runs) and a fresh process revives the agent from the store and
@@ -91,8 +102,10 @@ def demo(
         plan,
         revive_failures,
         run_blocks,
+        transcripts,
         write_report,
     )
+    from agentsleep.episodes.types import ENGLISH_KINDS
 
     t_start = time.perf_counter()
     infos = find_checkpoints(*roots)
@@ -102,6 +115,8 @@ def demo(
     n_math = 3 * n if n_math is None else n_math
 
     def count(kind: str) -> int:
+        if kind in ENGLISH_KINDS:
+            return n_english
         return n if kind.startswith("retrieval") else n_math
 
     blocks = [plan(infos, [k], count(k), seed)[0] for k in wanted]
@@ -150,6 +165,9 @@ def demo(
                 f"  {len(kills)} SIGKILLs ({flying} with a background sleep in flight), {equal} revived runs equal "
                 f"to the uninterrupted ones; {sum(o.sleeps for o in b.outcomes)} sleeps in all"
             )
+        if b.key in ENGLISH_KINDS:
+            shown = [line for line in transcripts(b, TRANSCRIPTS_SHOWN) if line.startswith(("  ", b.key))]
+            click.echo("\n" + "\n".join(shown))
     report = write_report(
         blocks,
         out_dir,
@@ -157,7 +175,7 @@ def demo(
         command=_command(click.get_current_context()),
         driver="AgentHost: TorchEngine + SQLite SnapshotStore + SleepPolicy + SleepScheduler",
         facts={
-            "episodes": f"retrieval {n}, math {n_math}",
+            "episodes": ", ".join(f"{b.key} {len(b.episodes)}" for b in blocks),
             "seed": seed,
             "kill and revive": kill,
             "child processes": "spawn (python -m agentsleep.episodes.worker)" if spawn else "forkserver",

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 
 from agentsleep.episodes.drivers import Condition, Driver
-from agentsleep.episodes.types import Episode, EpisodeOutcome, QuestionOutcome
+from agentsleep.episodes.types import ENGLISH_KINDS, Episode, EpisodeOutcome, QuestionOutcome
 from agentsleep.errors import AgentSleepError, InvalidInput
 
 logger = logging.getLogger(__name__)
@@ -302,7 +302,8 @@ def kill_turns(
 
 
 class Grader:
-    """Turns replies into graded questions: exact token match, or reasoning-gym's own scorer for its episodes."""
+    """Turns replies into graded questions: exact token match, or reasoning-gym's own scorer for its episodes (the
+    English ones are graded on the decoded, readable answer)."""
 
     def __init__(self, tokenizer_path: str | Path) -> None:
         from tokenizers import Tokenizer
@@ -338,6 +339,12 @@ class Grader:
             if episode.kind == "stateful_gsm":
                 said = self.number(answer)
                 ok = self._gym_score(episode, said) == 1.0  # reasoning-gym's scorer, not ours
+            elif episode.kind in ENGLISH_KINDS:
+                from agentsleep.episodes.build import english_score
+
+                body = [int(t) for t in answer if t not in episode.stop_ids]
+                said = self.tokenizer.decode(body, skip_special_tokens=False)
+                ok = english_score(episode, said) == 1.0
             outs.append(QuestionOutcome(group=q.group, correct=ok, answer=said, expected=q.answer))
         return outs
 

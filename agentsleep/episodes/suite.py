@@ -20,20 +20,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from agentsleep.episodes.build import depo_episodes, gsm_episodes, stateful_gsm_episodes
+from agentsleep.episodes.build import depo_episodes, english_episodes, gsm_episodes, stateful_gsm_episodes
 from agentsleep.episodes.drivers import Condition
 from agentsleep.episodes.harness import DriverFactory, Mode, run_condition
 from agentsleep.episodes.report import Score, constant_baseline, markdown_table, paired, plot, score, write_json
-from agentsleep.episodes.types import Episode, EpisodeOutcome
+from agentsleep.episodes.types import ENGLISH_KINDS, Episode, EpisodeOutcome
 from agentsleep.errors import CheckpointError, ConfigError
 from agentsleep.tasks.base import TaskConfig
 from agentsleep.tasks.depo import DepoConfig
+from agentsleep.tasks.family import FamilyConfig
 from agentsleep.tasks.gsm import GSMSymbolicConfig
+from agentsleep.tasks.gsm_english import GSMEnglishConfig
 from agentsleep.train.eval_cli import checkpoint_task, read_config
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("retrieval", "retrieval_nodecoy", "math_last", "math_first", "stateful_gsm")
+KINDS = ("family", "gsm_english", "retrieval", "retrieval_nodecoy", "math_last", "math_first", "stateful_gsm")
 
 
 # --------------------------------------------------------------------------------------------------- checkpoints
@@ -142,6 +144,19 @@ class Block:
 
 
 ABOUT = {
+    "family": (
+        "reasoning-gym `family_relationships` in plain English: the story arrives one sentence per message "
+        "(`Robert is married to Anna.`, `They have a child called Mia.`), with small-talk distractor messages among "
+        "them; the agent sleeps whenever its window fills, and once more before the question (`What is Anna to "
+        "Zoe?`), so every fact it needs survives only in S. The answer is one word, scored by reasoning-gym's own "
+        "`score_answer`; questions are grouped by the number of family relations they compose (hops)."
+    ),
+    "gsm_english": (
+        "reasoning-gym `gsm_symbolic` in plain English, the stateful split of Lin et al. 2025: every sentence but "
+        "the last arrives as a message (with small talk among them), a sleep, then the last sentence as the "
+        "question; the answer is a number, scored by reasoning-gym's own `score_answer`, grouped by the number of "
+        "context sentences."
+    ),
     "retrieval": (
         "Depo k-hop retrieval (paper §6.2) as a conversation: the edges of a hidden cycle arrive a few per turn, "
         "interleaved with distractor turns carrying the edges of a decoy cycle over other names (hidden + decoy = "
@@ -218,7 +233,21 @@ def plan(
     for kind in kinds:
         if kind not in KINDS:
             raise ConfigError(f"unknown episode kind {kind!r}; known: {', '.join(KINDS)}")
-        if kind.startswith("retrieval"):
+        if kind in ENGLISH_KINDS:
+            n1, best = pick_pair(infos, kind)
+            ref = best or n1
+            if ref is None:
+                blocks.append(Block(kind, kind, ABOUT[kind], [], [], [f"no {kind} checkpoint found"]))
+                continue
+            ecfg = cast(FamilyConfig | GSMEnglishConfig, ref.task_config)
+            eps = english_episodes(ecfg, n, seed)
+            title = (
+                f"Family relationships in English (reasoning-gym, families of {ecfg.min_family_size}–"
+                f"{ecfg.max_family_size}, L={ecfg.window})"
+                if kind == "family"
+                else f"GSM in English (reasoning-gym stateful split, L={ecfg.window})"
+            )
+        elif kind.startswith("retrieval"):
             n1, best = pick_pair(infos, "depo")
             ref = best or n1
             if ref is None:
@@ -312,6 +341,36 @@ def baseline_line(block: Block) -> str:
     return f"Constant-answer baseline (always `{ans}`): {100 * frac:.1f}%"
 
 
+def transcripts(block: Block, k: int = 4) -> list[str]:
+    """A few readable transcripts of an English block (Markdown): messages, sleeps, question, every answer."""
+    from tokenizers import Tokenizer
+
+    from agentsleep.episodes.transcript import pick, render
+
+    sleepers = [c for c in block.conditions if not c.truncate and not c.full_history]
+    if not block.outcomes or not sleepers:
+        return []
+    best = next((c for c in sleepers if c.name != "sleep N=1"), sleepers[0])
+    n1 = next((c.name for c in sleepers if c.name == "sleep N=1"), None)
+    by: dict[str, dict[str, EpisodeOutcome]] = {}
+    for o in block.outcomes:
+        by.setdefault(o.condition, {})[o.episode] = o
+    tokenizer = Tokenizer.from_file(str(Path(best.checkpoint) / "tokenizer.json"))
+    window = int(json.loads((Path(best.checkpoint) / "config.json").read_text())["window"])
+    lines = [
+        "### Transcripts",
+        "",
+        f"What the agent heard, where it slept ({best.name}'s sleeps; every N sleeps at the same points), the "
+        "question, and each condition's answer (scored by reasoning-gym). Replies are the killed-and-revived runs'.",
+        "",
+    ]
+    for ep in pick(block.episodes, by, best.name, n1, k):
+        outs = {c.name: by[c.name][ep.id] for c in block.conditions if ep.id in by.get(c.name, {})}
+        body = render(ep, outs, tokenizer, window=window, soft_threshold=best.soft_threshold, sleeper=best.name)
+        lines += ["```text", *body, "```", ""]
+    return lines
+
+
 def summary_table(blocks: Sequence[Block]) -> list[str]:
     """One line per block: accuracy of each kind of condition, side by side."""
     cols = ["sleep N=1", "sleep best N", "window truncation", "full attention", "trivial baseline"]
@@ -403,6 +462,8 @@ def write_report(
         lines += ["", "Checkpoints: " + "; ".join(f"{n} = `{conds[n].checkpoint}`" for n in conds), ""]
         png = plot(scores, b.title, out_dir / f"{name}_{b.key}.png")
         lines += [f"![{b.title}]({png.name})", "", f"Wall time for this block: {b.seconds:.0f} s.", ""]
+        if b.key in ENGLISH_KINDS:
+            lines += transcripts(b)
         all_outcomes += b.outcomes
     path = out_dir / f"{name}.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
@@ -457,5 +518,6 @@ __all__ = [
     "read_checkpoint",
     "revive_failures",
     "run_blocks",
+    "transcripts",
     "write_report",
 ]

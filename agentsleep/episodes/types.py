@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agentsleep.errors import InvalidInput
 
-Kind = Literal["depo", "gsm", "stateful_gsm"]
+Kind = Literal["depo", "gsm", "stateful_gsm", "family", "gsm_english"]
+ENGLISH_KINDS: tuple[str, ...] = ("family", "gsm_english")  # readable episodes, scored by reasoning-gym
 
 
 class Turn(BaseModel):
@@ -143,4 +144,4 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (lo, hi)
 
 
-__all__ = ["Episode", "EpisodeOutcome", "Kind", "Question", "QuestionOutcome", "Turn", "wilson"]
+__all__ = ["ENGLISH_KINDS", "Episode", "EpisodeOutcome", "Kind", "Question", "QuestionOutcome", "Turn", "wilson"]

@@ -5,8 +5,9 @@
     metrics = task.score(predicted_ids, batch)         # predicted_ids[i, j] = the prediction for tokens[i, j]
     task.save_tokenizer("runs/ckpt")                   # writes runs/ckpt/tokenizer.json
 
-Registry names: ``rule110``, ``depo``, ``gsm_symbolic``, ``gsm_zoo``. Each has ``paper`` and ``toy`` presets
-(Rule 110 also ``toy16``).
+Registry names: ``rule110``, ``depo``, ``gsm_symbolic``, ``gsm_zoo``, and the English tasks ``family`` and
+``gsm_english`` (reasoning-gym's generators, word-level tokens). Each has ``paper`` and ``toy`` presets (Rule 110 also
+``toy16``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from agentsleep.errors import InvalidInput
-from agentsleep.tasks import depo, gsm, gsm_zoo, rule110
+from agentsleep.tasks import depo, family, gsm, gsm_english, gsm_zoo, rule110
 from agentsleep.tasks.base import (
     Batch,
     Split,
@@ -32,7 +33,9 @@ from agentsleep.tasks.base import (
     validate_layout,
 )
 from agentsleep.tasks.depo import DepoConfig
+from agentsleep.tasks.family import FamilyConfig
 from agentsleep.tasks.gsm import GSMSymbolicConfig
+from agentsleep.tasks.gsm_english import GSMEnglishConfig
 from agentsleep.tasks.gsm_zoo import GSMZooConfig
 from agentsleep.tasks.rule110 import Rule110Config
 
@@ -58,6 +61,10 @@ TASKS: dict[str, TaskSpec] = {
     ),
     "gsm_zoo": TaskSpec(
         "gsm_zoo", GSMZooConfig, gsm_zoo.ZOO_PRESETS, gsm_zoo.generate, lambda p, b, c: gsm.score(p, b)
+    ),
+    "family": TaskSpec("family", FamilyConfig, family.PRESETS, family.generate, family.score),
+    "gsm_english": TaskSpec(
+        "gsm_english", GSMEnglishConfig, gsm_english.PRESETS, gsm_english.generate, gsm_english.score
     ),
 }
 
@@ -136,6 +143,8 @@ __all__ = [
     "TASKS",
     "Batch",
     "DepoConfig",
+    "FamilyConfig",
+    "GSMEnglishConfig",
     "GSMSymbolicConfig",
     "GSMZooConfig",
     "Rule110Config",

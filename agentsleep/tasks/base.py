@@ -92,7 +92,7 @@ class TaskConfig(BaseModel):
     def _index_table(self) -> dict[str, int]:
         return {tok: i for i, tok in enumerate(self._vocab_table)}
 
-    def tokenizer_mode(self) -> Literal["chars", "words", "words_digits"]:
+    def tokenizer_mode(self) -> Literal["chars", "words", "words_digits", "english"]:
         """How text splits into vocabulary entries (see `build_tokenizer`)."""
         return "words"
 
@@ -337,15 +337,19 @@ def build_tokenizer(config: TaskConfig) -> Tokenizer:
 
     Modes: ``chars`` (each non-space character is a token, decode concatenates: Rule 110), ``words`` (whitespace
     separated, decode joins with spaces: Depo, compact GSM), ``words_digits`` (words and punctuation split apart,
-    every digit its own token: the realistic GSM text).
+    every digit its own token: the realistic GSM text), ``english`` (readable English: `agentsleep.tasks.english`).
     """
     vocab = config.vocab()
     index = dict(config.token_index())
     if len(index) != len(vocab):
         raise InvalidInput(f"{config.task_name}: duplicate entries in the vocabulary")
     unk = UNK if UNK in index else None
-    tok = Tokenizer(models.WordLevel(index, unk_token=unk))
     mode = config.tokenizer_mode()
+    if mode == "english":
+        from agentsleep.tasks.english import english_tokenizer
+
+        return english_tokenizer(vocab, UNK, config.special_tokens())
+    tok = Tokenizer(models.WordLevel(index, unk_token=unk))
     if mode == "chars":
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), behavior="isolated")]
@@ -375,4 +379,8 @@ def decode(config: TaskConfig, ids: Sequence[int] | np.ndarray) -> str:
     """Ids to the task's text form (the inverse of the tokenizer's encode)."""
     vocab = config.vocab()
     pieces = [vocab[int(i)] for i in ids]
+    if config.tokenizer_mode() == "english":
+        from agentsleep.tasks.english import detokenize
+
+        return detokenize(pieces)
     return "".join(pieces) if config.tokenizer_mode() == "chars" else " ".join(pieces)

@@ -27,6 +27,7 @@ from agentsleep.episodes.suite import (
     run_blocks,
     write_report,
 )
+from agentsleep.episodes.types import ENGLISH_KINDS
 
 log = logging.getLogger("evals.episodes")
 REPO = Path(__file__).resolve().parents[2]
@@ -47,6 +48,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--episodes", type=int, default=30, help="retrieval episodes per block (4 questions each)")
     p.add_argument("--math-episodes", type=int, default=60, help="math episodes per block (1 question each)")
     p.add_argument("--stateful-episodes", type=int, default=20, help="reasoning-gym episodes")
+    p.add_argument("--english-episodes", type=int, default=60, help="episodes per English block (family, gsm_english)")
     p.add_argument("--hidden", type=int, default=None, help="hidden-cycle nodes (default: 5/8 of n_max)")
     p.add_argument("--decoys", type=int, default=None, help="decoy-cycle nodes (default: n_max - hidden)")
     p.add_argument("--seed", type=int, default=0)
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         n = args.episodes if kind.startswith("retrieval") else args.math_episodes
         n = args.stateful_episodes if kind == "stateful_gsm" else n
+        n = args.english_episodes if kind in ENGLISH_KINDS else n
         blocks += plan(infos, [kind], n, args.seed, hidden=args.hidden, decoys=args.decoys)
 
     def progress(block: object, cond: object) -> None:

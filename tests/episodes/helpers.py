@@ -26,6 +26,13 @@ def gsm_task(position: str = "last") -> Task:
     return get_task("gsm_symbolic", "toy", question_position=position, **GSM_OVERRIDES)
 
 
+FAMILY_OVERRIDES: dict[str, Any] = {"max_family_size": 6, "names_per_gender": 8, "test_size": 40}
+
+
+def family_task() -> Task:
+    return get_task("family", "toy", **FAMILY_OVERRIDES)
+
+
 def build_checkpoint(path: Path, task: Task, passes: int, *, seed: int = 0, layout: str = "agag", **model: Any) -> Path:
     """config.json (with the task under "agentsleep", as `agentsleep train` writes it), weights, tokenizer.json."""
     torch.manual_seed(seed)
@@ -56,8 +63,12 @@ def build_checkpoint(path: Path, task: Task, passes: int, *, seed: int = 0, layo
 
 
 def build_suite(root: Path) -> Path:
-    """N=1 and N=2 checkpoints for Depo and question-last GSM, plus an attention-only Depo model with a long window."""
+    """N=1 and N=2 checkpoints for Depo, question-last GSM and English family stories, plus attention-only Depo and
+    family models with a long window."""
     root.mkdir(parents=True, exist_ok=True)
+    build_checkpoint(root / "family-n1", family_task(), 1, seed=11)
+    build_checkpoint(root / "family-n2", family_task(), 2, seed=12)
+    build_checkpoint(root / "family-attn", family_task(), 1, seed=13, layout="aa", window=160)
     build_checkpoint(root / "depo-n1", depo_task(), 1, seed=1)
     build_checkpoint(root / "depo-n2", depo_task(), 2, seed=2)
     build_checkpoint(root / "gsm-last-n1", gsm_task(), 1, seed=3)

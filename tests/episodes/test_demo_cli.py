@@ -16,8 +16,25 @@ def test_help() -> None:
     assert top.exit_code == 0 and "demo" in top.output
     res = runner.invoke(main, ["demo", "--help"])
     assert res.exit_code == 0
-    for opt in ("--out", "--episodes", "--seed", "--checkpoints", "--kinds", "--spawn"):
+    for opt in ("--out", "--episodes", "--english-episodes", "--seed", "--checkpoints", "--kinds", "--spawn"):
         assert opt in res.output
+
+
+def test_default_demo_is_english_with_transcripts(suite: Path, tmp_path: Path) -> None:
+    """The default demo speaks English: family stories in, one-word answers out, transcripts in the report."""
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(
+        main, ["demo", "--checkpoints", str(suite), "--out", str(out), "--english-episodes", "2", "--no-progress"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "Family relationships in English" in res.output and "revived runs equal" in res.output
+    assert "  user: " in res.output and "agent (sleep N=2):" in res.output and "[sleep 1:" in res.output
+    md = (out / "report.md").read_text()
+    assert "### Transcripts" in md and "expected answer:" in md and "Retrieval" not in md
+    data = json.loads((out / "report.json").read_text())
+    assert [b["key"] for b in data["blocks"]] == ["family"]
+    assert len(data["outcomes"]) == 2 * 4  # N=1, N=2, truncation, full attention
+    assert all(o["revive_equal"] for o in data["outcomes"])
 
 
 def test_tiny_demo_writes_report(suite: Path, tmp_path: Path) -> None:
@@ -28,6 +45,8 @@ def test_tiny_demo_writes_report(suite: Path, tmp_path: Path) -> None:
         str(suite),
         "--out",
         str(out),
+        "--kinds",
+        "retrieval,math_last",
         "--episodes",
         "1",
         "--math-episodes",

@@ -11,7 +11,9 @@ from tests.episodes.helpers import build_checkpoint, depo_task, gsm_task
 
 def test_find_and_pick(suite: Path, tmp_path: Path) -> None:
     infos = find_checkpoints(suite, tmp_path)
-    assert {i.path.name for i in infos} == {"depo-n1", "depo-n2", "gsm-last-n1", "gsm-last-n2", "depo-attn"}
+    assert {i.path.name for i in infos} == {
+        "depo-n1", "depo-n2", "gsm-last-n1", "gsm-last-n2", "depo-attn", "family-n1", "family-n2", "family-attn"
+    }  # fmt: skip
     n1, best = pick_pair(infos, "depo")
     assert (n1.path.name, best.path.name, best.passes) == ("depo-n1", "depo-n2", 2)
     assert pick_pair(infos, "gsm_symbolic", question_position="first") == (None, None)

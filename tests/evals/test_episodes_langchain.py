@@ -9,18 +9,21 @@ from typing import Any
 
 import pytest
 
-from agentsleep.episodes.build import depo_episodes, gsm_episodes
+from agentsleep.episodes.build import depo_episodes, english_episodes, gsm_episodes
 from agentsleep.episodes.drivers import Condition
 from agentsleep.episodes.harness import run_chain, run_condition, threshold_turns
 from evals.episodes.langchain_driver import CONTENT_ONLY, FACTORY, langchain_driver
-from tests.episodes.helpers import build_checkpoint, depo_task, gsm_task
+from tests.episodes.helpers import build_checkpoint, depo_task, family_task, gsm_task
 
 
-@pytest.mark.parametrize("kind", ["depo", "gsm"])
+@pytest.mark.parametrize("kind", ["depo", "gsm", "family"])
 def test_langchain_driver_equals_agent_host_driver(kind: str, tmp_path: Path) -> None:
     if kind == "depo":
         ckpt = build_checkpoint(tmp_path / "ckpt", depo_task(), 2, seed=7)
         episodes = depo_episodes(depo_task().config, 1, seed=9)
+    elif kind == "family":  # plain English messages through create_agent, one-word replies
+        ckpt = build_checkpoint(tmp_path / "ckpt", family_task(), 2, seed=7)
+        episodes = english_episodes(family_task().config, 2, seed=9)
     else:
         ckpt = build_checkpoint(tmp_path / "ckpt", gsm_task(), 2, seed=8)
         episodes = gsm_episodes(gsm_task().config, 1, seed=9)

@@ -36,3 +36,17 @@ def test_harness_writes_table_json_and_png(tmp_path: Path) -> None:
     again = main([*argv, "--report-only"])
     assert weights.stat().st_mtime_ns == stamp
     assert again["variants"]["n2"]["mean"] == data["variants"]["n2"]["mean"]
+
+
+def test_baselines_can_be_named() -> None:
+    """`--baselines attn_full` adds only that baseline (to report the runs that exist); bare `--baselines` all three."""
+    from evals.model import parser, variants
+
+    def keys(*extra: str) -> list[str]:
+        args = parser().parse_args(["--name", "x", "--passes", "1", "4", *extra])
+        args.task_set, args.lr_scale = {}, {}
+        return [v.key for v in variants(args, "ag")]
+
+    assert keys() == ["n1", "n4"]
+    assert keys("--baselines", "attn_full", "--steps", "5") == ["n1", "n4", "attn_full"]
+    assert keys("--baselines") == ["n1", "n4", "attn_full", "attn_evict", "hybrid_2x"]

@@ -12,7 +12,13 @@ from agentsleep.tasks.base import SPLIT_IDS, seed_sequence, target_aligned
 
 CASES = [(name, preset) for name, presets in list_tasks().items() for preset in presets]
 # GSM dedup needs the test set's cores; keep it small here (its own tests cover the full mechanism).
-SMALL = {"gsm_symbolic": {"test_size": 16}, "gsm_zoo": {"test_size": 16}}
+SMALL = {
+    "gsm_symbolic": {"test_size": 16},
+    "gsm_zoo": {"test_size": 16},
+    "gsm_english": {"test_size": 16},
+    "family": {"test_size": 16},
+}
+VARIABLE = ("gsm", "family")  # variable-length rows, right-padded to whole windows
 
 
 def small_batch(name: str, preset: str, split: str = "train", seed: int = 0):
@@ -29,7 +35,7 @@ def test_layout_rules(name: str, preset: str) -> None:
         assert batch.window == L and batch.pad_id == task.pad_id
         assert batch.tokens.dtype == np.int64 and batch.loss_mask.dtype == np.bool_
         assert batch.seq_len <= task.seq_len
-        if not name.startswith("gsm"):
+        if not name.startswith(VARIABLE):
             assert batch.seq_len == task.seq_len  # fixed layouts
         assert batch.tokens.min() >= 0 and batch.tokens.max() < task.vocab_size
         for row, mask, length in zip(batch.tokens, batch.loss_mask, batch.lengths):
@@ -39,7 +45,7 @@ def test_layout_rules(name: str, preset: str) -> None:
             assert idx.min() // L == idx.max() // L == (length - 1) // L, "rule 0.3: targets outside the last window"
             assert not np.any(mask[row == task.pad_id]), "rule 0.4: PAD is a target"
             assert task.bos_id not in row, "rule 0.6: generators emit no BOS"
-            if name.startswith("gsm"):
+            if name.startswith(VARIABLE):
                 assert length % L == 0 and (row[length:] == task.pad_id).all()  # right-padded to whole windows
             else:
                 # Rule 0.1: the label-free prefix is whole windows, and every row has the same chunk layout.
