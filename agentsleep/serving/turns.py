@@ -31,6 +31,7 @@ from agentsleep.model.hybrid import SleepHybrid
 from agentsleep.model.state import FastWeights
 from agentsleep.runtime.engine import check_token_ids
 from agentsleep.runtime.text import TextCodec
+from agentsleep.serving.config import check_no_pads
 from agentsleep.serving.params import FIELD, AgentParams, ConnectorParams
 from agentsleep.serving.resident import LRU, state_key
 from agentsleep.store import LoadedSnapshot, SnapshotRecord, SnapshotStore
@@ -111,7 +112,7 @@ class AgentTurns:
         resident_agents: int = 256,
     ) -> None:
         cfg = model.config
-        if cfg.bos_token_id is None:
+        if cfg.bos_token_id is None:  # the plugin refuses it at start-up too (serving.config.serving_problems)
             raise InvalidInput("agentsleep serve needs a checkpoint with bos_token_id: every window opens with it")
         self.model, self.store, self.codec = model, store, codec
         self.L = cfg.window
@@ -172,8 +173,11 @@ class AgentTurns:
         if isinstance(prompt, str):
             if self.codec is None:
                 raise InvalidInput("this checkpoint has no tokenizer.json: send the prompt as token ids")
-            return check_token_ids(self.codec.encode(prompt), self.model.config.vocab_size, what="prompt")
-        return check_token_ids(prompt, self.model.config.vocab_size, what="prompt")
+            ids = check_token_ids(self.codec.encode(prompt), self.model.config.vocab_size, what="prompt")
+        else:
+            ids = check_token_ids(prompt, self.model.config.vocab_size, what="prompt")
+        check_no_pads(ids, self.model.config)
+        return ids
 
     # ------------------------------------------------------------------ a turn (worker threads)
 
