@@ -50,7 +50,6 @@ from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, model_vali
 from langchain_agentsleep import _window
 from langchain_agentsleep.chat_template import (
     METADATA_KEY,
-    NO_TOOL_TEMPLATE,
     ChatCodec,
     ChatTemplate,
     TemplateCodec,
@@ -69,8 +68,8 @@ LLM_TYPE = "chat-agentsleep"
 PROVIDER = "agentsleep"
 NO_TOOL_CALLS = (
     "this model cannot call tools (its chat template has no tool-call format); tool_choice={!r} would force a tool "
-    "call it cannot make. Tool calling needs a checkpoint whose Hugging Face chat template defines tools (an imported "
-    "Qwen model's; docs/pretrained.md)"
+    "call it cannot make. Leave tool_choice unset (tools are accepted and never called), or use a checkpoint whose "
+    "Hugging Face chat template defines tools (an imported Qwen model's; docs/pretrained.md)"
 )
 NO_STRUCTURED_OUTPUT = (
     "ChatSleepHybrid has no structured output for this model: structured output is a forced tool call, and its chat "
@@ -333,9 +332,9 @@ class ChatSleepHybrid(BaseChatModel):
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
         """Exact window tokens of ``messages`` with ``tools`` in the head.
 
-        A template that shows no tools refuses them (see `bind_tools`).
+        A template that shows no tools never renders them: they count zero (see `bind_tools`).
         """
-        tools = _schemas(tools)
+        tools = _schemas(tools) if self._codec.supports_tools else None
         return len(self._codec.leading_ids(messages, tools)) + self._codec.count(messages, tools)
 
     def bind_tools(
@@ -355,13 +354,20 @@ class ChatSleepHybrid(BaseChatModel):
         call to that tool): a forced call starts the reply with the template's tool-call opener, so the model writes
         the rest of a call. Other keyword arguments (``agent_id``...) are bound like ``bind``'s.
 
+        A model whose template shows no tools (the per-message templates of the toys trained here;
+        ``profile["tool_calling"]`` is False) accepts them so that `create_agent(..., tools=...)` works, never shows
+        them to the model, and never calls them.
+
         Raises:
-            NotImplementedError: the model's chat template has no tools (the trained toys' per-message templates).
+            NotImplementedError: a ``tool_choice`` that forces a call, for a model whose template shows no tools.
             InvalidInput: ``tool_choice`` names no given tool.
         """
-        if not self._codec.supports_tools:
-            raise NotImplementedError(NO_TOOL_TEMPLATE)
         formatted = [convert_to_openai_tool(t) for t in tools]
+        if not self._codec.supports_tools:
+            _check_tool_choice(tool_choice)
+            if tool_choice is not None:
+                kwargs["tool_choice"] = tool_choice
+            return self.bind(tools=formatted, **kwargs)
         if tool_choice is not None:
             kwargs["tool_choice"] = _tool_choice(tool_choice, formatted)
         return self.bind(tools=formatted, **kwargs)
@@ -467,8 +473,7 @@ class ChatSleepHybrid(BaseChatModel):
         choice = kwargs.pop("tool_choice", None)
         if not codec.supports_tools:
             _check_tool_choice(choice)
-            if tools:
-                raise NotImplementedError(NO_TOOL_TEMPLATE)
+            tools = None  # a template without tools never shows them; the model answers without calling one
         elif choice is not None:
             choice = _tool_choice(choice, tools or [])
         opener = ""

@@ -179,10 +179,19 @@ def test_sleeping_keeps_the_head(ckpt: Path, fmt: str) -> None:
     assert all(model.codec.decode(p).startswith("<|im_start|>system\nYou help.\n\n# Tools") for p in fresh)
 
 
-def test_models_without_a_tool_template_refuse_tools(checkpoint: Path) -> None:
-    model = ChatSleepHybrid(model=str(checkpoint))
+def test_models_without_a_tool_template_never_call_tools(checkpoint: Path) -> None:
+    """A toy's per-message template shows no tools: they are accepted (create_agent binds them), never rendered (the
+    window equals a call without them), never called; forcing a call or structured output is refused."""
+    model = ChatSleepHybrid(model=str(checkpoint), max_tokens=4)
     assert not model.profile["tool_calling"]  # type: ignore[index]
-    with pytest.raises(NotImplementedError, match="chat template cannot show tools"):
-        model.bind_tools([get_weather])
+    msgs = [HumanMessage("hello", id="h")]
+    bound = model.bind_tools([get_weather])
+    assert model.get_num_tokens_from_messages(msgs, [get_weather]) == model.get_num_tokens_from_messages(msgs)
+    with_tools = bound.invoke(msgs, agent_id="with")
+    without = model.invoke(msgs, agent_id="without")
+    assert not with_tools.tool_calls and with_tools.content == without.content
+    assert model.engine.session("with").window == model.engine.session("without").window
+    with pytest.raises(NotImplementedError, match="cannot call tools"):
+        model.bind_tools([get_weather], tool_choice="get_weather")
     with pytest.raises(NotImplementedError, match="no structured output"):
         model.with_structured_output(dict)
