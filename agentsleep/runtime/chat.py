@@ -191,6 +191,7 @@ class ChatFormat:
         self.special_tokens = dict(special_tokens or {})
         self.stop_tokens = tuple(dict.fromkeys(stop_tokens))
         self._compiled: dict[str, Any] = {}
+        self._parts: dict[str, ChatParts] = {}
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ChatFormat | None:
@@ -259,8 +260,110 @@ class ChatFormat:
         except jinja2.TemplateError as e:
             raise InvalidInput(f"the chat template refused this conversation: {e}") from e
 
+    def parts(self, tools: Sequence[Mapping[str, Any]] | None = None, **kwargs: Any) -> ChatParts:
+        """The template's pieces for rendering a conversation one message at a time (`ChatParts`), cached per
+        ``tools`` and template variables (``kwargs``, e.g. ``enable_thinking=False``).
+
+        Raises:
+            InvalidInput: the template cannot be taken apart per message (it renders a message differently depending
+                on what follows it, beyond the last-message cases `ChatParts` handles).
+        """
+        key = json.dumps([tools, kwargs], sort_keys=True, default=str)
+        got = self._parts.get(key)
+        if got is None:
+            got = self._parts[key] = ChatParts(self, tools, kwargs)
+        return got
+
     def __repr__(self) -> str:
         return f"ChatFormat(templates={sorted(self.templates)}, stop_tokens={self.stop_tokens})"
+
+
+_PROBES = ("\x01agentsleep probe A\x01", "\x02agentsleep probe B\x02")  # contents that differ at the first char
+_CONTEXT = ({"role": "user", "content": "\x03"}, {"role": "assistant", "content": "\x04"})
+_PROBE_TOOL = "agentsleep_probe_tool"
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+class ChatParts:
+    """A whole-conversation chat template taken apart so that a conversation can be rendered one message at a time,
+    each message exactly once, in the order it happens — what a sleeping agent's window needs (docs/langchain.md,
+    "Whole-conversation templates"): earlier turns are in its fast weights, never re-rendered.
+
+    Every piece is the template's own text, found by rendering probe conversations and differencing:
+
+    * `head(system)`: what opens a conversation — the system prompt with the tools (Qwen puts them there), or the
+      tools alone, or a default system prompt the template adds; ``""`` if nothing;
+    * `message(m)`: a message after a finished exchange and before a further user message (so a template's
+      look-ahead, e.g. Qwen dropping ``<think>`` from earlier turns or grouping consecutive tool results, renders it
+      as in the middle of a conversation);
+    * `generation_prompt`: what opens the model's reply; `reply_end`: what closes an assistant message after its
+      text (``<|im_end|>\n``);
+    * `tool_call_opener(name)`: how a reply starts a tool call (``<tool_call>\n{"name": "`` …), for forcing one.
+
+    For ChatML-style templates (Qwen) ``head + message(m1) + … + generation_prompt`` equals the template's rendering
+    of the whole conversation whenever the template would render every message as in the middle (no parallel tool
+    results, no reasoning in the last reply); tested against `ChatFormat.render`.
+    """
+
+    def __init__(self, chat: ChatFormat, tools: Sequence[Mapping[str, Any]] | None, kwargs: dict[str, Any]) -> None:
+        self.chat, self.tools, self.kwargs = chat, tools, kwargs
+        first = [dict(_CONTEXT[0])]
+        with_probe = self._render([*first, {"role": "user", "content": _PROBES[0]}])
+        other = self._render([*first, {"role": "user", "content": _PROBES[1]}])
+        alone = self._render(first)
+        cut = with_probe[: _common_prefix(with_probe, other)]
+        if not cut.startswith(alone):
+            raise self._undecomposable("a user message renders differently when another follows it")
+        self.user_header = cut[len(alone) :]  # what opens a user message in the middle of a conversation
+        opened = self._render(first, add_generation_prompt=True)
+        if not opened.startswith(alone):
+            raise self._undecomposable("the generation prompt is not appended after the conversation")
+        self.generation_prompt = opened[len(alone) :]
+        marker = "\x05"
+        reply = self.message({"role": "assistant", "content": marker})
+        self.assistant_header, _, self.reply_end = reply.partition(marker)
+        call = {"type": "function", "function": {"name": _PROBE_TOOL, "arguments": {}}}
+        called = self.message({"role": "assistant", "content": "", "tool_calls": [call]})
+        self._call_text = called.removeprefix(self.assistant_header).removesuffix(self.reply_end)
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        return self.chat.render(messages, tools=self.tools, add_generation_prompt=add_generation_prompt, **self.kwargs)
+
+    def _undecomposable(self, why: str) -> InvalidInput:
+        return InvalidInput(f"this chat template cannot be rendered one message at a time ({why})")
+
+    def upto(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        """The text of ``messages`` as it renders when a further user message follows."""
+        a = self._render([*map(dict, messages), {"role": "user", "content": _PROBES[0]}])
+        b = self._render([*map(dict, messages), {"role": "user", "content": _PROBES[1]}])
+        cut = a[: _common_prefix(a, b)]
+        if not cut.endswith(self.user_header):
+            raise self._undecomposable("a user message opens differently after these messages")
+        return cut[: len(cut) - len(self.user_header)]
+
+    def head(self, system: Mapping[str, Any] | None = None) -> str:
+        """What opens a conversation: the system message (with the tools, where the template puts them there)."""
+        return self.upto([system] if system is not None else [])
+
+    def message(self, message: Mapping[str, Any]) -> str:
+        """One message as the template renders it after an exchange and before a further user message."""
+        before = self.upto(_CONTEXT)
+        after = self.upto([*_CONTEXT, message])
+        if not after.startswith(before):
+            raise self._undecomposable(f"a {message.get('role')!r} message changes the messages before it")
+        return after[len(before) :]
+
+    def tool_call_opener(self, name: str | None = None) -> str | None:
+        """The text a reply starts a tool call with (to ``name``, or to any tool up to where the name goes); None if
+        the template renders no tool calls."""
+        at = self._call_text.find(_PROBE_TOOL)
+        if at < 0:
+            return None
+        return self._call_text[:at] + (name or "")
 
 
 def check_tool(tool: Any) -> dict[str, Any]:
@@ -409,6 +512,7 @@ def parse_reply(text: str, tools: Sequence[Mapping[str, Any]] | None = None) -> 
 
 __all__ = [
     "ChatFormat",
+    "ChatParts",
     "InvalidToolCall",
     "ParsedReply",
     "ToolCall",

@@ -24,9 +24,10 @@ from typing import Any
 import click
 
 from agentsleep.errors import ConfigError
-from agentsleep.model.checkpoint import read_config
+from agentsleep.model.checkpoint import MODEL_TYPE, read_config
 from agentsleep.runtime.text import TOKENIZER_FILE
 from agentsleep.serving.auth import ApiKeys, is_loopback, mask_secrets, mask_url
+from agentsleep.serving.config import hybrid_config, serving_problems
 from agentsleep.serving.server import SERVE_ENV_PREFIX
 from agentsleep.serving.settings import ENV_DEFAULTS, SERVE_PID_ENV, apply_env_defaults, kv_transfer_config, on_gpu
 
@@ -86,6 +87,31 @@ def tokenizer_dir(checkpoint: Path) -> Path | None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def check_checkpoint(checkpoint: Path, raw: Mapping[str, Any], *, gpu: bool) -> None:
+    """Refuse, before minutes of vLLM start-up, a directory the plugin cannot serve faithfully: a Hugging Face
+    checkpoint not yet imported, or a config with values the plugin does not implement
+    (`agentsleep.serving.config.serving_problems`, which the plugin checks again when vLLM builds the model)."""
+    kind = raw.get("model_type")
+    if kind not in (MODEL_TYPE, None):
+        raise ConfigError(
+            f"{checkpoint} is a Hugging Face {kind!r} checkpoint; import it first, with a BOS to open every window, "
+            "and serve the saved directory: SleepHybrid.from_pretrained(dir, bos_token_id=...).save_pretrained(out), "
+            "then agentsleep serve out (docs/pretrained.md, 'Serving')"
+        )
+    try:
+        problems = serving_problems(hybrid_config(raw), cpu=not gpu)
+    except ConfigError as e:
+        raise ConfigError(f"{checkpoint / 'config.json'} holds an invalid model config: {e}") from None
+    if problems:
+        hint = ""
+        if raw.get("bos_token_id") is None and (checkpoint / TOKENIZER_FILE).is_file():
+            from tokenizers import Tokenizer
+
+            eot = Tokenizer.from_file(str(checkpoint / TOKENIZER_FILE)).token_to_id("<|endoftext|>")
+            hint = f" (this tokenizer's '<|endoftext|>' is id {eot})" if eot is not None else ""
+        raise ConfigError(f"{checkpoint} cannot be served by vLLM: " + "; ".join(problems) + hint)
 
 
 # vLLM options the connector cannot serve: refused here with one line, before minutes of start-up (and refused again
@@ -152,8 +178,9 @@ def server_command(
         ApiKeys.load(api_keys_file)  # a malformed line is a start-up error naming the line
     checkpoint = checkpoint.resolve()
     cfg = read_config(checkpoint)
-    window = int(cfg["window"])
     gpu = on_gpu() if gpu is None else gpu
+    check_checkpoint(checkpoint, cfg, gpu=gpu)
+    window = int(cfg["window"])
     eager = (not gpu) if eager is None else eager
     if kv_cache_bytes is None and not gpu:
         kv_cache_bytes = DEFAULT_KV_CACHE_BYTES
@@ -347,6 +374,7 @@ __all__ = [
     "API_SERVER_MODULE",
     "MIDDLEWARE",
     "cache_dir",
+    "check_checkpoint",
     "check_vllm_args",
     "engine_option",
     "serve",

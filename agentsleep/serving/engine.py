@@ -53,6 +53,7 @@ from agentsleep.runtime.engine import (
     check_token_ids,
 )
 from agentsleep.runtime.text import TOKENIZER_FILE, TextCodec
+from agentsleep.serving.config import check_no_pads, check_servable
 from agentsleep.serving.params import ConnectorParams
 from agentsleep.serving.reference import reference_model
 from agentsleep.serving.resident import state_key
@@ -143,12 +144,7 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
         self.path = Path(checkpoint).resolve()
         model = reference_model(self.path)  # sleeps, state checks, config
         cfg = model.config
-        if cfg.bos_token_id is None:
-            raise ConfigError("VLLMEngine needs a checkpoint with bos_token_id: every window opens with the BOS")
-        if cfg.eviction != "hard":
-            raise ConfigError(
-                f"VLLMEngine serves hard eviction only (this checkpoint: {cfg.eviction!r}); use TorchEngine"
-            )
+        check_servable(cfg, str(self.path), cpu=not on_gpu())  # what the plugin would refuse, before vLLM starts
         super().__init__(model, passes)
         self.sleep_backend: SleepBackend = sleep_backend
         tok = self.path / TOKENIZER_FILE
@@ -241,6 +237,7 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
         if return_logits:
             raise InvalidInput("VLLMEngine.observe cannot return logits; use generate(..., return_logits=True)")
         ids = check_token_ids(tokens, self.vocab_size)
+        check_no_pads(ids, self.model.config, "input")
         N = self._check_passes(passes, self._passes)
         agent = self._live(agent_id)
         with agent.lock:
@@ -337,6 +334,7 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
         return self._open(agent_id, state.clone().to("cpu"), tail)
 
     def _stream(self, request: GenerateRequest, prompt: list[int]) -> _Stream:
+        check_no_pads(prompt, self.model.config, f"prompt of {request.agent_id!r}")
         sp = request.sampling
         seed = sp.seed
         if request.generator is not None:  # vLLM samples with its own generator: derive its seed from the caller's

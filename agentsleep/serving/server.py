@@ -69,6 +69,7 @@ from agentsleep.memory.policy import ENV_PREFIX as POLICY_ENV_PREFIX
 from agentsleep.memory.policy import SleepPolicy
 from agentsleep.runtime.text import TOKENIZER_FILE, TextCodec
 from agentsleep.serving.auth import OPEN_PATHS, ApiKeys, bearer
+from agentsleep.serving.chat import CHAT_PATH, ChatAdapter, converting
 from agentsleep.serving.params import FIELD, AgentParams
 from agentsleep.serving.reference import reference_model
 from agentsleep.serving.turns import AgentTurns, Turn
@@ -84,7 +85,7 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 SERVE_ENV_PREFIX = "AGENTSLEEP_SERVE_"
 AGENT_PATH = "/v1/completions"
-AGENT_ONLY_PATHS = ("/v1/chat/completions", "/v1/responses")  # agent fields there: "use /v1/completions"
+AGENT_ONLY_PATHS = (CHAT_PATH, "/v1/responses")  # agent fields there: "use /v1/completions" (chat: if no template)
 HARMLESS_POSTS = ("/tokenize", "/detokenize")  # served without an agent even when stateless requests are refused
 
 
@@ -239,6 +240,8 @@ class AgentMemoryMiddleware:
         model = reference_model(settings.checkpoint)  # the model the connector's `model_fingerprint` reads, too
         tok = settings.checkpoint / TOKENIZER_FILE
         codec = TextCodec.from_file(tok) if tok.is_file() else None
+        # chat completions for agents, rendered with the checkpoint's chat template (agentsleep.serving.chat)
+        self.chat = ChatAdapter(codec) if codec is not None and codec.chat is not None else None
         # The checkpoint's L and N unless the environment says otherwise (SleepPolicy.from_env lets arguments win).
         defaults = {"window": model.config.window, "passes": model.config.passes}
         unset = {k: v for k, v in defaults.items() if f"{POLICY_ENV_PREFIX}{k.upper()}" not in os.environ}
@@ -319,6 +322,8 @@ class AgentMemoryMiddleware:
             except InvalidInput as e:
                 return await _send_json(send, 400, http_error(e).body())
             return await self._turn(scope, receive, send, params, body, tenant)
+        if path == CHAT_PATH and isinstance(body, dict) and kv is not None and self.chat is not None:
+            return await self._chat(scope, receive, send, body, kv, tenant)
         if path in AGENT_ONLY_PATHS and kv is not None:
             err = HTTPError(400, f"agent requests go to {AGENT_PATH} (the prompt is the agent's new input)",
                             "InvalidInput", FIELD)  # fmt: skip
@@ -329,8 +334,29 @@ class AgentMemoryMiddleware:
 
     # ------------------------------------------------------------------ one agent turn
 
+    async def _chat(self, scope: Scope, receive: Receive, send: Send, body: dict, kv: Any, tenant: str = "") -> None:
+        """A chat completion of an agent: the new messages rendered with the chat template, run as an agent turn of
+        /v1/completions, answered as a chat completion (agentsleep.serving.chat)."""
+        assert self.chat is not None
+        chat = self.chat
+        try:
+            params = AgentParams.parse(kv)
+            req = chat.request(body)
+        except AgentSleepError as e:
+            return await _send_json(send, 400, http_error(e).body())
+        scope = {**scope, "path": AGENT_PATH, "raw_path": AGENT_PATH.encode()}
+        reply = converting(send, lambda completion: chat.response(completion, req, body))
+        return await self._turn(scope, receive, reply, params, req.body, tenant, compose=req.compose)
+
     async def _turn(
-        self, scope: Scope, receive: Receive, send: Send, params: AgentParams, body: dict, tenant: str = ""
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        params: AgentParams,
+        body: dict,
+        tenant: str = "",
+        compose: Callable[..., list[int]] | None = None,
     ) -> None:
         turns = self._turns_for(tenant)
         try:
@@ -342,7 +368,7 @@ class AgentMemoryMiddleware:
         async with turns.request_lock(params.agent_id):
             for attempt in range(1, attempts + 1):
                 try:
-                    turn = await self._run(turns.plan, params, body, ids, max_tokens)
+                    turn = await self._run(turns.plan, params, body, ids, max_tokens, compose)
                 except Exception as e:
                     if not isinstance(e, AgentSleepError):
                         logger.exception("agent request of %r failed before reaching vLLM", params.agent_id)

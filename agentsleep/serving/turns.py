@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from agentsleep.model.hybrid import SleepHybrid
 from agentsleep.model.state import FastWeights
 from agentsleep.runtime.engine import check_token_ids
 from agentsleep.runtime.text import TextCodec
+from agentsleep.serving.config import check_no_pads
 from agentsleep.serving.params import FIELD, AgentParams, ConnectorParams
 from agentsleep.serving.resident import LRU, state_key
 from agentsleep.store import LoadedSnapshot, SnapshotRecord, SnapshotStore
@@ -78,6 +80,12 @@ class Turn:
     replay: SnapshotRecord | None = None  # a repeated turn id: the snapshot its first run saved
     lock: threading.Lock | None = None  # the agent's lock on this host, held from plan to release
     tenant: str = ""  # the namespace of the agent (the `AgentTurns` store's tenant)
+    request_ids: list[int] | None = None  # the request's own input when `input_ids` was composed (chat): its digest
+
+    @property
+    def digest(self) -> str:
+        """The digest a repeated turn id is compared with: of the request's input, not of what it was composed to."""
+        return input_digest(self.request_ids if self.request_ids is not None else self.input_ids)
 
     @property
     def agent_id(self) -> str:
@@ -112,7 +120,7 @@ class AgentTurns:
         resident_agents: int = 256,
     ) -> None:
         cfg = model.config
-        if cfg.bos_token_id is None:
+        if cfg.bos_token_id is None:  # the plugin refuses it at start-up too (serving.config.serving_problems)
             raise InvalidInput("agentsleep serve needs a checkpoint with bos_token_id: every window opens with it")
         self.model, self.store, self.codec = model, store, codec
         self.L = cfg.window
@@ -173,22 +181,43 @@ class AgentTurns:
         if isinstance(prompt, str):
             if self.codec is None:
                 raise InvalidInput("this checkpoint has no tokenizer.json: send the prompt as token ids")
-            return check_token_ids(self.codec.encode(prompt), self.model.config.vocab_size, what="prompt")
-        return check_token_ids(prompt, self.model.config.vocab_size, what="prompt")
+            ids = check_token_ids(self.codec.encode(prompt), self.model.config.vocab_size, what="prompt")
+        else:
+            ids = check_token_ids(prompt, self.model.config.vocab_size, what="prompt")
+        check_no_pads(ids, self.model.config)
+        return ids
 
     # ------------------------------------------------------------------ a turn (worker threads)
 
-    def plan(self, params: AgentParams, body: dict[str, Any], ids: list[int], max_tokens: int) -> Turn:
+    def plan(
+        self,
+        params: AgentParams,
+        body: dict[str, Any],
+        ids: list[int],
+        max_tokens: int,
+        compose: Callable[[Sequence[int] | None], list[int]] | None = None,
+    ) -> Turn:
         """Find the memory the turn starts from (resident, or the store on a miss), sleep first if the input does not
-        fit, and compose the vLLM request. On return the agent's lock is held: `release` it."""
+        fit, and compose the vLLM request. On return the agent's lock is held: `release` it.
+
+        ``compose`` makes the agent's input from the window the turn starts from (None: S = 0, a new agent) when it
+        depends on it (a chat turn: `agentsleep.serving.chat.ChatRequest.compose`); ``ids`` are then the request's
+        own input (checked, and what a repeated ``turn_id`` is compared with)."""
         self.scheduler.notify_turn(params.agent_id)
         try:
-            return self._plan(params, body, ids, max_tokens)
+            return self._plan(params, body, ids, max_tokens, compose)
         except BaseException:
             self.scheduler.turn_finished(params.agent_id)  # release the sleeps this turn held
             raise
 
-    def _plan(self, params: AgentParams, body: dict[str, Any], ids: list[int], max_tokens: int) -> Turn:
+    def _plan(
+        self,
+        params: AgentParams,
+        body: dict[str, Any],
+        ids: list[int],
+        max_tokens: int,
+        compose: Callable[[Sequence[int] | None], list[int]] | None = None,
+    ) -> Turn:
         agent_id = params.agent_id
         if params.turn_id is not None:
             done = self.store.find_by_metadata(agent_id, "turn_id", params.turn_id)
@@ -209,7 +238,10 @@ class AgentTurns:
             try:
                 current = self.store.current_id(agent_id)
                 base = self._base(params, current)
-                incoming = len(ids) + max_tokens
+                given = ids
+                if compose is not None:
+                    given = compose(base.window if base is not None else None)
+                incoming = len(given) + max_tokens
                 fill = len(base.window) if base is not None else 0
                 if base is not None and params.snapshot_id is None and self._must_sleep(fill, incoming):
                     if sleeps >= _MAX_SYNC_SLEEPS:
@@ -231,7 +263,11 @@ class AgentTurns:
                         f"({incoming} tokens incl. max_tokens) it exceeds the window L={self.L}; revive it and sleep "
                         "first"
                     )
-                turn = Turn(params, ids, max_tokens, base, current or NO_SNAPSHOT, lock=lock, tenant=self.store.tenant)
+                turn = Turn(
+                    params, given, max_tokens, base, current or NO_SNAPSHOT, lock=lock, tenant=self.store.tenant
+                )
+                if compose is not None:
+                    turn.request_ids = ids
                 turn.body = self._compose(turn, body)
                 return turn
             except BaseException:
@@ -302,7 +338,7 @@ class AgentTurns:
         }  # fmt: skip
         if turn.params.turn_id is not None:
             meta["turn_id"] = turn.params.turn_id
-            meta["turn"] = {"input": input_digest(turn.input_ids), **{k: reply.get(k) for k in REPLY_KEYS}}
+            meta["turn"] = {"input": turn.digest, **{k: reply.get(k) for k in REPLY_KEYS}}
             meta["turn"]["token_ids"] = reply_ids
         named = turn.params.snapshot_id is not None
         try:

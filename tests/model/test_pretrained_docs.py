@@ -31,6 +31,7 @@ def test_docs_pretrained_snippets_run(tmp_path: Path, monkeypatch: pytest.Monkey
         "path/to/Qwen3-1.7B": str(q3),
         "path/to/my-sleeping-qwen": str(tmp_path / "mine"),
         "path/to/corpus.txt": str(tmp_path / "corpus.txt"),
+        "sqlite:///snapshots.db": f"sqlite:///{tmp_path / 'snapshots.db'}",
         "STEPS = 200": "STEPS = 2",
         # a short window for the tiny stand-in, so that fine-tuning on three windows stays quick
         "insert_memory=list(range(3, n, 4)), passes=4)": "insert_memory=list(range(3, n, 4)), passes=4, window=128)",

@@ -94,6 +94,25 @@ def test_options_the_connector_cannot_serve_are_refused_in_one_line(tmp_path: Pa
     check_vllm_args(["--tensor-parallel-size", "1", "--mamba-cache-mode", "none", "--no-async-scheduling"])
 
 
+def test_imported_checkpoints_the_plugin_cannot_serve_are_refused_in_one_line(tmp_path: Path) -> None:
+    """A Hugging Face directory not yet imported, and an import without a BOS: refused before vLLM starts, with
+    what to do."""
+    from agentsleep.model.hybrid import SleepHybrid
+    from tests.model.hf_tiny import make_hf
+
+    hf = tmp_path / "hf"
+    make_hf("qwen3_5_text-gqa2", hf)
+    res = CliRunner().invoke(main, ["serve", str(hf), "--dry-run"])
+    assert res.exit_code != 0 and "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    assert "Hugging Face 'qwen3_5_text' checkpoint; import it first" in res.output
+    SleepHybrid.from_pretrained(hf, window=32).save_pretrained(tmp_path / "nobos")
+    res = CliRunner().invoke(main, ["serve", str(tmp_path / "nobos"), "--dry-run"])
+    assert res.exit_code != 0 and len(res.output.strip().splitlines()) == 1
+    # every problem is named: this tiny model's head sizes (32) are not vLLM-CPU sizes either
+    assert "bos_token_id is not set" in res.output and "'<|endoftext|>' is id 0" in res.output
+    assert "GDN head sizes" in res.output
+
+
 def _config(**changes: object) -> SimpleNamespace:
     """The parts of a VllmConfig the connector's start-up check reads, all supported unless changed."""
     cfg = SimpleNamespace(

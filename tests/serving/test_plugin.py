@@ -54,9 +54,69 @@ def test_unservable_checkpoints_are_refused(vllm_available, change: dict, match:
 
     if "gdn_v_head_dim" in change and not current_platform.is_cpu():
         pytest.skip("d_k != d_v is a CPU-kernel limit")
-    cfg = SleepHybridHFConfig(vocab_size=300, d_model=128, layout="gaga", gdn_head_dim=128, **change)
+    cfg = SleepHybridHFConfig(vocab_size=300, d_model=128, layout="gaga", gdn_head_dim=128, bos_token_id=1, **change)
     with pytest.raises(ConfigError, match=match):
         _check_servable(cfg)
+
+
+def test_every_hybrid_config_field_is_classified_for_serving() -> None:
+    """A field added to HybridConfig without telling the plugin how it serves it fails here: the plugin must never
+    ignore a field silently (an imported checkpoint would be served wrong)."""
+    from agentsleep.model.hybrid import HybridConfig
+    from agentsleep.serving.config import FIELD_SUPPORT
+
+    assert set(FIELD_SUPPORT) == set(HybridConfig.model_fields)
+    assert set(FIELD_SUPPORT.values()) <= {"model", "pytorch", "no-effect"}
+
+
+def test_the_vllm_config_carries_every_field_of_the_checkpoint(tmp_path: Path) -> None:
+    """Fields SleepHybridHFConfig does not declare (e.g. from a newer HybridConfig) still reach `hybrid_config`."""
+    from agentsleep.model.hybrid import HybridConfig
+    from agentsleep.serving.config import hybrid_config
+
+    fields = dict(vocab_size=300, d_model=128, layout="gag", attn_heads=2, gdn_heads=1, gdn_v_heads=2,
+                  gdn_head_dim=64, bos_token_id=1, norm_offset=1.0, attn_output_gate=True, attn_qkv_bias=True,
+                  rotary_dim=16, gdn_in_proj="split", mlp_layout="d-d", loop=(0, 2), passes=3)  # fmt: skip
+    cfg = SleepHybridHFConfig(**fields)
+    assert hybrid_config(cfg) == HybridConfig(**fields, check_serving=False)
+    assert (cfg.linear_num_value_heads, cfg.num_experts) == (2, 0)
+
+
+BASE = dict(vocab_size=300, d_model=128, layout="gaga", attn_heads=2, gdn_head_dim=64, bos_token_id=1)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"bos_token_id": None}, "bos_token_id"),
+        ({"eviction": "sliding"}, "eviction"),
+        ({"norm_offset": 0.5}, "norm_offset"),
+        ({"gdn_v_head_dim": 128}, "gdn_v_head_dim"),
+        ({"attn_heads": 8}, "attn_head_dim"),
+        ({"gdn_head_dim": 32}, "GDN head sizes"),
+        ({"mlp_layout": "eddd", "moe_experts": 4, "moe_top_k": 2, "moe_intermediate_size": 16}, "shared expert"),
+    ],
+)
+def test_what_the_plugin_cannot_serve_is_refused_naming_the_field(change: dict, field: str) -> None:
+    from agentsleep.model.hybrid import HybridConfig
+    from agentsleep.serving.config import check_servable, serving_problems
+
+    assert serving_problems(HybridConfig(**BASE, check_serving=False), cpu=True) == []
+    cfg = HybridConfig(**{**BASE, **change, "check_serving": False})
+    problems = serving_problems(cfg, cpu=True)
+    assert len(problems) == 1 and field in problems[0]
+    with pytest.raises(ConfigError, match=field):
+        check_servable(cfg, cpu=True)
+
+
+def test_padding_never_reaches_a_served_window() -> None:
+    from agentsleep.errors import InvalidInput
+    from agentsleep.model.hybrid import HybridConfig
+    from agentsleep.serving.config import check_no_pads
+
+    check_no_pads([5, 6], HybridConfig(**BASE))
+    with pytest.raises(InvalidInput, match="padding token id 7"):
+        check_no_pads([5, 7], HybridConfig(**BASE, pad_token_id=7))
 
 
 def test_no_cuda_only_vision_audio_packages_beside_cpu_torch(vllm_available) -> None:

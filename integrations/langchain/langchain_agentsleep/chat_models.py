@@ -22,6 +22,7 @@ does not fit raises `WindowOverflow` (`SleepMemory` sleeps before that can happe
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import uuid
@@ -31,7 +32,8 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import tokenizers
-from agentsleep.errors import ConfigError, WindowOverflow
+from agentsleep.errors import ConfigError, InvalidInput, WindowOverflow
+from agentsleep.runtime.chat import TOOL_OPEN, ChatFormat, InvalidToolCall, ParsedReply, ToolCall, parse_reply
 from agentsleep.runtime.engine import AgentMemory, Engine, SamplingParams
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
@@ -46,25 +48,33 @@ from langchain_core.utils.utils import LC_ID_PREFIX
 from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from langchain_agentsleep import _window
-from langchain_agentsleep.chat_template import METADATA_KEY, ChatCodec, ChatTemplate, content_digest, load_tokenizer
+from langchain_agentsleep.chat_template import (
+    METADATA_KEY,
+    ChatCodec,
+    ChatTemplate,
+    TemplateCodec,
+    load_tokenizer,
+)
 from langchain_agentsleep.errors import MessageTooLong
 
 logger = logging.getLogger(__name__)
 
 _DEFAULT_MAX_TOKENS = 32
 _EPHEMERAL_PREFIX = "ephemeral-"  # agents made for a call without an agent id, removed after it
-_IGNORED_KWARGS = ("snapshot_id", "tools", "ls_structured_output_format", "stream", "model")
-_HONEST_TOOL_CHOICES = (None, "auto", "none")  # the hybrid never calls a tool, which both of these allow
+_IGNORED_KWARGS = ("snapshot_id", "ls_structured_output_format", "stream", "model", "parallel_tool_calls")
+_HONEST_TOOL_CHOICES = (None, "auto", "none")  # allowed without tools: neither asks for a tool call
+_FORCING = ("any", "required", True)
 LLM_TYPE = "chat-agentsleep"
 PROVIDER = "agentsleep"
 NO_TOOL_CALLS = (
-    "the sleep hybrid cannot call tools yet (its chat template has no tool-call format); tool_choice={!r} would "
-    "force a tool call it cannot make. Leave tool_choice unset (tools are accepted and never called) or use another "
-    "model for tool calling"
+    "this model cannot call tools (its chat template has no tool-call format); tool_choice={!r} would force a tool "
+    "call it cannot make. Leave tool_choice unset (tools are accepted and never called), or use a checkpoint whose "
+    "Hugging Face chat template defines tools (an imported Qwen model's; docs/pretrained.md)"
 )
 NO_STRUCTURED_OUTPUT = (
-    "ChatSleepHybrid has no structured output: the hybrid cannot call tools or follow a JSON schema yet. Parse its "
-    "text reply yourself, or use another model for the structured step"
+    "ChatSleepHybrid has no structured output for this model: structured output is a forced tool call, and its chat "
+    "template has no tools. Parse its text reply yourself, use a checkpoint whose Hugging Face chat template defines "
+    "tools, or use another model for the structured step"
 )
 
 
@@ -74,8 +84,8 @@ class _Reply:
 
     message_id: str
     agent_id: str | None
-    body: list[int]  # the reply's content tokens (the end-of-message token excluded)
-    text: str
+    body: list[int]  # the reply's tokens as generated (the end-of-message token excluded; a forced opener included)
+    text: str  # the reply's content: its text, less reasoning and tool calls where the template has them
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int  # the whole context of this call, excluding S
     generated_tokens: int
@@ -84,6 +94,21 @@ class _Reply:
     resynced: bool  # the window did not match the messages and was rebuilt from S
     sleep_count: int
     fingerprint: str
+    digest: str  # ChatCodec.reply_digest of the message (text and tool calls): an edited reply is re-rendered
+    tool_calls: tuple[ToolCall, ...] = ()
+    invalid_tool_calls: tuple[InvalidToolCall, ...] = ()
+    reasoning: str | None = None
+
+    def message(self, model_name: str) -> AIMessage:
+        return AIMessage(
+            content=self.text,
+            id=self.message_id,
+            tool_calls=[c.to_langchain() for c in self.tool_calls],
+            invalid_tool_calls=[c.to_langchain() for c in self.invalid_tool_calls],
+            additional_kwargs={"reasoning_content": self.reasoning} if self.reasoning else {},
+            response_metadata=self.metadata(model_name),
+            usage_metadata=self.usage(),
+        )
 
     def metadata(self, model_name: str) -> dict[str, Any]:
         return {
@@ -93,7 +118,7 @@ class _Reply:
             METADATA_KEY: {
                 "agent_id": self.agent_id,
                 "token_ids": list(self.body),
-                "digest": content_digest(self.text),
+                "digest": self.digest,
                 "fingerprint": self.fingerprint,
                 "window_tokens": self.window_tokens,
                 "observed_tokens": self.observed_tokens,
@@ -161,7 +186,14 @@ class ChatSleepHybrid(BaseChatModel):
     max_retries: int = Field(
         default=0, ge=0, description="LangChain's standard parameter; the embedded engine makes no network call"
     )
-    chat_template: ChatTemplate | None = Field(default=None, description="default: the checkpoint's or the tokenizer's")
+    chat_template: ChatTemplate | None = Field(
+        default=None,
+        description="a per-message template; default: config.json's, else the checkpoint's own Hugging Face chat "
+        "template (rendered one message at a time, with tools), else the built-in one for the tokenizer",
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description="variables for the checkpoint's Hugging Face chat template, e.g. enable_thinking"
+    )
     tokenizer: Any = Field(default=None, exclude=True, description="tokenizers.Tokenizer or a tokenizer.json path")
     streaming: bool = False
     cache: Any = False  # replies depend on the agent's memory, never on the prompt alone: never cache them
@@ -199,7 +231,7 @@ class ChatSleepHybrid(BaseChatModel):
         if data.get("tokenizer") is None:
             data["tokenizer"] = load_tokenizer(path)
         if data.get("chat_template") is None:
-            data["chat_template"] = ChatTemplate.from_pretrained(Path(path), data["tokenizer"])
+            data["chat_template"] = ChatTemplate.configured(path)  # else the checkpoint's Jinja template, or built in
         return data
 
     @model_validator(mode="after")
@@ -207,8 +239,9 @@ class ChatSleepHybrid(BaseChatModel):
         if not isinstance(self.engine, Engine):
             raise ConfigError(f"engine must implement agentsleep's Engine protocol, got {type(self.engine).__name__}")
         tok = _find_tokenizer(self.engine, self.tokenizer)
-        template = self.chat_template or _engine_template(self.engine, tok)
-        self._codec = ChatCodec(tok, template, fingerprint=self.engine.fingerprint)
+        self._codec = make_codec(self.engine, tok, self.chat_template, self.chat_template_kwargs)
+        if self.profile is None:  # LangChain resolves it before this validator has the codec (tool calling)
+            self.profile = self._resolve_model_profile()
         if self.model_name is None:
             path = getattr(self.engine, "path", None)
             named = isinstance(path, str | os.PathLike)
@@ -238,7 +271,7 @@ class ChatSleepHybrid(BaseChatModel):
 
         engine = TorchEngine.from_pretrained(path, passes=passes, device=device)
         tok = load_tokenizer(path)
-        kwargs.setdefault("chat_template", ChatTemplate.from_pretrained(Path(path), tok))
+        kwargs.setdefault("chat_template", ChatTemplate.configured(path))
         kwargs.setdefault("model", os.fspath(path))
         return cls(engine=engine, tokenizer=tok, **kwargs)
 
@@ -278,8 +311,8 @@ class ChatSleepHybrid(BaseChatModel):
             text_inputs=True,
             text_outputs=True,
             image_inputs=False,
-            tool_calling=False,
-            structured_output=False,
+            tool_calling=self._codec.supports_tools,
+            structured_output=self._codec.supports_tools,
         )
 
     @property
@@ -297,33 +330,63 @@ class ChatSleepHybrid(BaseChatModel):
         return self._codec.encode(text)
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
-        """Exact window tokens of ``messages`` (tools are never shown to the model, so they count zero)."""
-        return self._codec.count(messages)
+        """Exact window tokens of ``messages`` with ``tools`` in the head.
+
+        A template that shows no tools never renders them: they count zero (see `bind_tools`).
+        """
+        tools = _schemas(tools) if self._codec.supports_tools else None
+        return len(self._codec.leading_ids(messages, tools)) + self._codec.count(messages, tools)
 
     def bind_tools(
         self,
         tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
         *,
-        tool_choice: str | None = None,
+        tool_choice: str | dict[str, Any] | bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
-        """Accept tools so `create_agent` can bind them (the hybrid cannot call them).
+        """Show ``tools`` to the model through its chat template; its tool calls come back as ``tool_calls``.
 
-        ``profile["tool_calling"]`` is False and the tools are not rendered into the window. Other keyword arguments
-        (``agent_id``...) are bound like ``bind``'s.
+        Unreadable calls become ``invalid_tool_calls``. Needs a checkpoint whose Hugging Face chat template defines
+        tools (an imported Qwen model's): the tools are rendered into the head of every window (the system prompt, as
+        the template puts them), and replies are parsed with `agentsleep.runtime.chat.parse_reply` (Hermes JSON or
+        Qwen3.5's XML calls). ``tool_choice``: ``None`` / ``"auto"`` (the model decides), ``"none"`` (tool calls are
+        left in the text, unparsed), ``"any"`` / ``"required"`` / ``True`` (a call to some tool) or a tool's name (a
+        call to that tool): a forced call starts the reply with the template's tool-call opener, so the model writes
+        the rest of a call. Other keyword arguments (``agent_id``...) are bound like ``bind``'s.
+
+        A model whose template shows no tools (the per-message templates of the toys trained here;
+        ``profile["tool_calling"]`` is False) accepts them so that `create_agent(..., tools=...)` works, never shows
+        them to the model, and never calls them.
 
         Raises:
-            NotImplementedError: ``tool_choice`` asks for a tool call (``"any"``, ``"required"``, a tool's name).
+            NotImplementedError: a ``tool_choice`` that forces a call, for a model whose template shows no tools.
+            InvalidInput: ``tool_choice`` names no given tool.
         """
-        _check_tool_choice(tool_choice)
         formatted = [convert_to_openai_tool(t) for t in tools]
+        if not self._codec.supports_tools:
+            _check_tool_choice(tool_choice)
+            if tool_choice is not None:
+                kwargs["tool_choice"] = tool_choice
+            return self.bind(tools=formatted, **kwargs)
         if tool_choice is not None:
-            kwargs["tool_choice"] = tool_choice
+            kwargs["tool_choice"] = _tool_choice(tool_choice, formatted)
         return self.bind(tools=formatted, **kwargs)
 
     def with_structured_output(self, schema: Any, *, include_raw: bool = False, **kwargs: Any) -> Any:
-        """Not supported: always raises `NotImplementedError` (the hybrid cannot call tools or follow a schema yet)."""
-        raise NotImplementedError(NO_STRUCTURED_OUTPUT)
+        """Structured output as a forced call to a tool whose parameters are ``schema``.
+
+        LangChain's tool-calling method: ``bind_tools([schema], tool_choice="any")`` and a tool-call parser.
+
+        Raises:
+            NotImplementedError: the model's chat template has no tools.
+        """
+        if not self._codec.supports_tools:
+            raise NotImplementedError(NO_STRUCTURED_OUTPUT)
+        method = kwargs.pop("method", "function_calling")
+        if method != "function_calling":
+            raise NotImplementedError(f"with_structured_output(method={method!r}): only 'function_calling' exists here")
+        kwargs.pop("strict", None)
+        return super().with_structured_output(schema, include_raw=include_raw, **kwargs)
 
     def _generate(
         self,
@@ -333,13 +396,7 @@ class ChatSleepHybrid(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         reply = self._reply(messages, stop, kwargs)
-        message = AIMessage(
-            content=reply.text,
-            id=reply.message_id,
-            response_metadata=reply.metadata(str(self.model_name)),
-            usage_metadata=reply.usage(),
-        )
-        return ChatResult(generations=[ChatGeneration(message=message)])
+        return ChatResult(generations=[ChatGeneration(message=reply.message(str(self.model_name)))])
 
     async def _agenerate(
         self,
@@ -364,10 +421,17 @@ class ChatSleepHybrid(BaseChatModel):
             if run_manager is not None:
                 run_manager.on_llm_new_token(piece, chunk=chunk)
             yield chunk
+        calls = [
+            {"name": c.name, "args": json.dumps(c.args, ensure_ascii=False), "id": c.id, "index": i}
+            for i, c in enumerate(reply.tool_calls)
+        ]
         yield ChatGenerationChunk(
             message=AIMessageChunk(
                 content="",
                 id=reply.message_id,
+                tool_call_chunks=calls,  # type: ignore[arg-type]
+                invalid_tool_calls=[c.to_langchain() for c in reply.invalid_tool_calls],  # type: ignore[misc]
+                additional_kwargs={"reasoning_content": reply.reasoning} if reply.reasoning else {},
                 response_metadata=reply.metadata(str(self.model_name)),
                 usage_metadata=reply.usage(),
                 chunk_position="last",
@@ -404,17 +468,29 @@ class ChatSleepHybrid(BaseChatModel):
         """Sync the agent's window with ``messages``, generate, and leave the window canonical (module docstring)."""
         kwargs = dict(kwargs)
         agent_id = kwargs.pop("agent_id", None) or self.agent_id
-        _check_tool_choice(kwargs.pop("tool_choice", None))
+        codec, engine = self._codec, self.engine
+        tools = _schemas(kwargs.pop("tools", None))
+        choice = kwargs.pop("tool_choice", None)
+        if not codec.supports_tools:
+            _check_tool_choice(choice)
+            tools = None  # a template without tools never shows them; the model answers without calling one
+        elif choice is not None:
+            choice = _tool_choice(choice, tools or [])
+        opener = ""
+        if tools and choice not in (None, "auto", "none"):
+            opener = codec.tool_call_opener(None if choice == "any" else choice) or ""
         if stop is None:
             stop = self.stop
         for key in _IGNORED_KWARGS:
             kwargs.pop(key, None)
-        codec, engine = self._codec, self.engine
-        prompt = codec.prompt(messages)
+        leading = codec.leading_ids(messages, tools)
+        pieces = codec.render(messages, tools)
+        opener_ids = codec.encode(opener)
+        prompt = [*leading, *(t for p in pieces for t in p), *codec.generation_prefix, *opener_ids]
         L = int(engine.window)
         room = L - len(prompt) - len(codec.end_ids)
         if room < 1:
-            check_message_lengths(codec, L, messages)
+            check_message_lengths(codec, L, messages, tools)
             raise WindowOverflow(
                 f"the prompt takes {len(prompt)} tokens (+{len(codec.end_ids)} to close the reply) but the window "
                 f"holds {L}: no room for a reply. Send fewer messages since the last sleep (SleepMemory sleeps "
@@ -424,11 +500,11 @@ class ChatSleepHybrid(BaseChatModel):
         if kwargs:  # e.g. provider options other integrations bind (strict, parallel_tool_calls): not ours
             logger.debug("ChatSleepHybrid ignores call arguments %s", sorted(kwargs))
         ids_in_window = tuple(m.id for m in messages if m.id)
-        head = 0
-        for m in messages:
+        head = len(leading)
+        for m, piece in zip(messages, pieces):
             if m.id:
                 break
-            head += len(codec.message_ids(m))
+            head += len(piece)
 
         ephemeral = agent_id is None
         agent = agent_id or f"{_EPHEMERAL_PREFIX}{uuid.uuid4().hex}"
@@ -456,33 +532,39 @@ class ChatSleepHybrid(BaseChatModel):
                 gen = engine.generate(agent, delta, sampling)
                 out = list(gen.tokens)
                 ended = bool(out) and gen.stop_reason == "stop" and out[-1] in codec.stop_token_ids
-                body = out[:-1] if ended else out
-                text = codec.decode(body)
+                generated = out[:-1] if ended else out
                 finish: Literal["stop", "length"] = "stop" if ended else "length"
-                cut = _stop_cut(codec, body, text, stop)
-                if cut is not None:
-                    body, text = cut
-                    finish = "stop"
-                    _reset_window(engine, agent, prompt + body + codec.end_ids)  # roll back what followed the stop
-                elif not ended and codec.end_ids:
-                    engine.observe(agent, codec.end_ids)
+                text = codec.decode(generated)
+                cut = _stop_cut(codec, generated, text, stop)
+                if cut is not None:  # the window keeps the tokens up to the stop string; the text ends before it
+                    (generated, text), finish = cut, "stop"
+                body = opener_ids + generated
+                text = codec.decode(opener_ids) + text
+                target = prompt + generated + codec.end_ids  # the window this call leaves: render(messages + reply)
+                now = prompt + out
+                if now == target[: len(now)]:
+                    if len(target) > len(now):
+                        engine.observe(agent, target[len(now) :])  # the reply's end (after its stop token)
+                else:
+                    _reset_window(engine, agent, target)  # a stop string, or another stop token: roll back
                 session = engine.session(agent)
-                expected = len(prompt) + len(body) + len(codec.end_ids)
                 reply_id = _new_message_id()
-                if session.window_tokens == expected:
-                    slot.ledger = _window.WindowLedger((*ids_in_window, reply_id), expected, head)
+                if session.window_tokens == len(target):
+                    slot.ledger = _window.WindowLedger((*ids_in_window, reply_id), len(target), head)
                 else:  # not expected; the next call resyncs, and no sleep trusts this window meanwhile
                     logger.warning(
                         "agent %r: the window holds %d tokens after the call, expected %d",
                         agent,
                         session.window_tokens,
-                        expected,
+                        len(target),
                     )
+                parsed = self._parse(text, tools, choice)
+                draft = AIMessage(content=parsed.content, tool_calls=[c.to_langchain() for c in parsed.tool_calls])
                 return _Reply(
                     message_id=reply_id,
                     agent_id=agent_id,
                     body=body,
-                    text=text,
+                    text=parsed.content,
                     finish_reason=finish,
                     prompt_tokens=len(prompt),
                     generated_tokens=len(out),
@@ -491,15 +573,36 @@ class ChatSleepHybrid(BaseChatModel):
                     resynced=resynced,
                     sleep_count=session.sleep_count,
                     fingerprint=engine.fingerprint,
+                    digest=codec.reply_digest(draft),
+                    tool_calls=parsed.tool_calls,
+                    invalid_tool_calls=parsed.invalid_tool_calls,
+                    reasoning=parsed.reasoning,
                 )
             finally:
                 if ephemeral:
                     engine.remove_agent(agent)
                     _window.forget(engine, agent)
 
+    def _parse(self, text: str, tools: list[dict[str, Any]] | None, choice: Any) -> ParsedReply:
+        """The reply's content, tool calls and reasoning.
+
+        Tool calls only where tools were offered (and not refused with ``tool_choice="none"``); reasoning
+        (``<think>``) wherever the checkpoint's template is used.
+        """
+        if not isinstance(self._codec, TemplateCodec):
+            return ParsedReply(content=text)
+        if tools and choice != "none":
+            return parse_reply(text, tools)
+        plain = parse_reply(text.replace(TOOL_OPEN, "\x00"), None)  # reasoning only: no block is a tool call
+        return ParsedReply(content=plain.content.replace("\x00", TOOL_OPEN), reasoning=plain.reasoning)
+
     def _pieces(self, reply: _Reply) -> Iterator[str]:
         """The reply's text split at token boundaries (what a token-by-token stream shows)."""
         text, done = reply.text, 0
+        if reply.tool_calls or reply.reasoning or reply.invalid_tool_calls or not reply.body:
+            if text:  # the content is what is left once reasoning and calls are out: not a token prefix
+                yield text
+            return
         for k in range(1, len(reply.body) + 1):
             upto = self._codec.decode(reply.body[:k])
             if not text.startswith(upto[: len(text)]):
@@ -517,26 +620,55 @@ def _check_tool_choice(tool_choice: Any) -> None:
         raise NotImplementedError(NO_TOOL_CALLS.format(tool_choice))
 
 
-def message_limit(codec: ChatCodec, window: int, system: Sequence[BaseMessage] = ()) -> int:
-    """The most tokens one message may have: the window less the system prompt, the reply prefix and end, one token."""
-    return window - codec.count(system) - len(codec.generation_prefix) - len(codec.end_ids) - 1
+def _schemas(tools: Sequence[Any] | None) -> list[dict[str, Any]] | None:
+    """Tools (LangChain tools, functions, Pydantic classes or JSON schemas) as OpenAI JSON schemas; None if none."""
+    return [convert_to_openai_tool(t) for t in tools] if tools else None
 
 
-def check_message_lengths(codec: ChatCodec, window: int, messages: Sequence[BaseMessage]) -> None:
-    """Raise `MessageTooLong` for the first message that cannot fit the window even alone (beside the system prompt).
+def _tool_choice(choice: Any, tools: Sequence[dict[str, Any]]) -> str:
+    """``tool_choice`` as ``"auto"``, ``"none"``, ``"any"`` or the name of one of ``tools``."""
+    names = [t["function"]["name"] for t in tools]
+    if choice in _FORCING:
+        return "any"
+    if choice in ("auto", "none"):
+        return str(choice)
+    if isinstance(choice, dict):  # {"type": "function", "function": {"name": ...}} (OpenAI's form)
+        choice = (choice.get("function") or {}).get("name", choice.get("name"))
+    if isinstance(choice, str) and choice in names:
+        return choice
+    raise InvalidInput(f"tool_choice={choice!r} names no given tool {names}; use 'auto', 'none', 'any' or a tool name")
+
+
+def message_limit(
+    codec: ChatCodec, window: int, system: Sequence[BaseMessage] = (), tools: Sequence[Any] | None = None
+) -> int:
+    """The most tokens one message may have.
+
+    That is the window less the head (system prompt, tools), the reply prefix and end, and one token.
+    """
+    head = codec.head_ids(system[0] if system else None, tools)
+    return window - len(head) - len(codec.generation_prefix) - len(codec.end_ids) - 1
+
+
+def check_message_lengths(
+    codec: ChatCodec, window: int, messages: Sequence[BaseMessage], tools: Sequence[Any] | None = None
+) -> None:
+    """Raise `MessageTooLong` for the first message that cannot fit the window even alone.
+
+    Alone means beside the head (the system prompt and the tools) and a reply.
 
     Raises:
         MessageTooLong: with the message's token count and the limit.
     """
     system = [m for m in messages[:1] if m.type == "system"]
-    limit = message_limit(codec, window, system)
+    limit = message_limit(codec, window, system, tools)
     for m in messages[len(system) :]:
         n = len(codec.message_ids(m))
         if n > limit:
             raise MessageTooLong(
                 f"a {m.type} message of {n} tokens cannot fit the model's window: at most {limit} tokens fit beside "
-                f"the system prompt and a reply (L={window}). Split it into several messages that each fit (the "
-                "model folds earlier ones into its fast weights by sleeping), or summarise it first",
+                f"the system prompt, the tools and a reply (L={window}). Split it into several messages that each "
+                "fit (the model folds earlier ones into its fast weights by sleeping), or summarise it first",
                 tokens=n,
                 limit=limit,
                 message_id=m.id,
@@ -578,31 +710,68 @@ def _find_tokenizer(engine: Any, explicit: Any) -> tokenizers.Tokenizer:
     )
 
 
-def _engine_template(engine: Any, tokenizer: tokenizers.Tokenizer) -> ChatTemplate:
-    """The engine's chat template.
+def _engine_dir(engine: Any) -> Path | None:
+    """The checkpoint directory an engine was loaded from (``VLLMEngine.path``, a loaded model's ``source_dir``)."""
+    for path in (getattr(engine, "path", None), getattr(getattr(engine, "model", None), "source_dir", None)):
+        if isinstance(path, str | os.PathLike) and Path(path).is_dir():
+            return Path(path)
+    return None
 
-    Its own ``chat_template`` attribute, else its checkpoint directory's (``VLLMEngine.path``), else the built-in
-    default for the tokenizer.
+
+def make_codec(
+    engine: Any,
+    tokenizer: tokenizers.Tokenizer,
+    template: ChatTemplate | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+) -> ChatCodec:
+    """How messages become the engine's tokens.
+
+    First match wins: an explicit per-message ``template``; the one in the checkpoint's ``config.json``; the
+    checkpoint's own Hugging Face chat template (`TemplateCodec`: an imported model, rendered one message at a time,
+    with tools); the built-in per-message default for the tokenizer.
+
+    Raises:
+        ConfigError: the checkpoint's chat template cannot be rendered one message at a time.
     """
-    template = getattr(engine, "chat_template", None)
-    if isinstance(template, ChatTemplate):
-        return template
-    path = getattr(engine, "path", None)
-    if isinstance(path, str | os.PathLike) and Path(path).is_dir():
-        return ChatTemplate.from_pretrained(path, tokenizer)
-    return ChatTemplate.default_for(tokenizer)
+    fingerprint = engine.fingerprint
+    folder = _engine_dir(engine)
+    if template is None and folder is not None:
+        template = ChatTemplate.configured(folder)
+    if template is None:
+        text = getattr(engine, "codec", None)
+        chat = getattr(text, "chat", None)
+        if isinstance(chat, ChatFormat):
+            try:
+                return TemplateCodec(tokenizer, chat, fingerprint=fingerprint, stop_token_ids=text.stop_token_ids,
+                                     template_kwargs=template_kwargs)  # fmt: skip
+            except InvalidInput as e:
+                raise ConfigError(f"{e}; pass chat_template=ChatTemplate(...) (a per-message template) instead") from e
+    if template_kwargs:
+        raise ConfigError(
+            "chat_template_kwargs apply to a checkpoint's Hugging Face chat template; this model has none"
+        )
+    return ChatCodec(tokenizer, template or ChatTemplate.default_for(tokenizer), fingerprint=fingerprint)
 
 
 def sync_window(
-    engine: Any, codec: ChatCodec, agent_id: str, messages: Sequence[BaseMessage], *, head: Sequence[int] = ()
+    engine: Any,
+    codec: ChatCodec,
+    agent_id: str,
+    messages: Sequence[BaseMessage],
+    *,
+    head: Sequence[int] | None = None,
+    tools: Sequence[Any] | None = None,
 ) -> int:
     """Make the agent's window hold exactly ``head + render(messages)`` on top of S, and record it in the ledger.
 
-    ``head``: token ids of a system prompt that is not among ``messages`` (a resumed run knows it only from the
-    snapshot). Observes only what is missing when the window is a prefix of the rendering, else rebuilds the window
-    from S. The rendering must fit the window (the caller checks). Returns the window's length.
+    ``head``: token ids of the window's head (system prompt, tools) when it is not among ``messages`` (a resumed run
+    knows it only from the snapshot); default: what `ChatCodec.prompt` opens ``messages`` with under ``tools``.
+    Observes only what is missing when the window is a prefix of the rendering, else rebuilds the window from S. The
+    rendering must fit the window (the caller checks). Returns the window's length.
     """
-    target = [*head, *(t for part in codec.render(messages) for t in part)]
+    if head is None:
+        head = codec.leading_ids(messages, tools)
+    target = [*head, *(t for part in codec.render(messages, tools) for t in part)]
     if len(target) > int(engine.window):
         raise WindowOverflow(f"{len(target)} tokens do not fit the window of {engine.window}")
     slot = _window.slot(engine, agent_id)
@@ -617,10 +786,10 @@ def sync_window(
         if len(target) > len(window):
             engine.observe(agent_id, target[len(window) :])
         n_head = len(head)
-        for m in messages:
+        for m, part in zip(messages, codec.render(messages, tools)):
             if m.id:
                 break
-            n_head += len(codec.message_ids(m))
+            n_head += len(part)
         slot.ledger = _window.WindowLedger(tuple(m.id for m in messages if m.id), len(target), n_head)
         slot.head_tokens = n_head
         slot.head_ids = tuple(target[:n_head])
@@ -658,4 +827,4 @@ def _stop_cut(codec: ChatCodec, body: list[int], text: str, stop: list[str] | No
     return body, text[:at]
 
 
-__all__ = ["ChatSleepHybrid", "check_message_lengths", "message_limit", "sync_window"]
+__all__ = ["ChatSleepHybrid", "check_message_lengths", "make_codec", "message_limit", "sync_window"]

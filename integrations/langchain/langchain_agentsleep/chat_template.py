@@ -19,6 +19,12 @@ Where the template comes from, first match wins:
    tokenizer's vocabulary has ``<|user|>``, ``<|assistant|>`` and ``<|end|>``; otherwise plain ``role: content`` lines.
 
 When the suffix is a single token (``<|end|>``, or ``\n`` under a byte-level tokenizer), generation stops at it.
+
+A checkpoint that ships a Hugging Face chat template (an imported model, `agentsleep.runtime.chat.ChatFormat`) is
+rendered with *that* template instead, one message at a time (`TemplateCodec`, on `ChatParts`): each message is the
+template's own text for it in the middle of a conversation, the system prompt and the tools open the window, the
+model's replies stay as it generated them. That keeps the composition property above (docs/langchain.md,
+"Whole-conversation templates").
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from agentsleep.errors import CheckpointError, ConfigError, InvalidInput
 from agentsleep.model.fingerprint import accepted
+from agentsleep.runtime.chat import ChatFormat, ChatParts, as_chat_messages
 from agentsleep.runtime.text import TOKENIZER_FILE, TextCodec  # noqa: F401  (TOKENIZER_FILE: kept as this module's name)
 from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, convert_to_messages
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -108,24 +115,36 @@ class ChatTemplate(BaseModel):
             CheckpointError: ``config.json`` is unreadable, or its template section is malformed.
             InvalidInput: no template section and no tokenizer to choose a default with.
         """
-        p = Path(path)
-        cfg_file = p / CONFIG_FILE
-        section: Any = None
-        if cfg_file.is_file():
-            try:
-                section = json.loads(cfg_file.read_text()).get(CONFIG_SECTION, {}).get(CONFIG_KEY)
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-                raise CheckpointError(f"{cfg_file} is not valid JSON with an object at the top: {e}") from e
-        if section is not None:
-            if not isinstance(section, dict):
-                raise CheckpointError(f"{cfg_file}: {CONFIG_SECTION}.{CONFIG_KEY} must be an object, got {section!r}")
-            try:
-                return cls(**section)
-            except ConfigError as e:
-                raise CheckpointError(f"{cfg_file}: {e}") from e
+        configured = cls.configured(path)
+        if configured is not None:
+            return configured
         if tokenizer is None:
-            tokenizer = load_tokenizer(p)
+            tokenizer = load_tokenizer(path)
         return cls.default_for(tokenizer)
+
+    @classmethod
+    def configured(cls, path: str | os.PathLike[str]) -> ChatTemplate | None:
+        """The template ``config.json["agentsleep"]["chat_template"]`` of a checkpoint directory sets, if any.
+
+        Raises:
+            CheckpointError: ``config.json`` is unreadable, or its template section is malformed.
+        """
+        cfg_file = Path(path) / CONFIG_FILE
+        if not cfg_file.is_file():
+            return None
+        try:
+            raw = json.loads(cfg_file.read_text())
+            section = raw.get(CONFIG_SECTION, {}).get(CONFIG_KEY) if isinstance(raw, dict) else None
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{cfg_file} is not valid JSON with an object at the top: {e}") from e
+        if section is None:
+            return None
+        if not isinstance(section, dict):
+            raise CheckpointError(f"{cfg_file}: {CONFIG_SECTION}.{CONFIG_KEY} must be an object, got {section!r}")
+        try:
+            return cls(**section)
+        except ConfigError as e:
+            raise CheckpointError(f"{cfg_file}: {e}") from e
 
     def role_of(self, message: BaseMessage) -> str:
         """The role name a message renders with."""
@@ -230,20 +249,56 @@ class ChatCodec:
         """``prefix + body + suffix`` tokens of one message."""
         return self.prefix_ids(self.template.role_of(message)) + self.body_ids(message) + self.end_ids
 
-    def render(self, messages: Iterable[BaseMessage]) -> list[list[int]]:
-        """Token ids of each message, in order (their concatenation is the conversation's tokens)."""
+    def render(self, messages: Iterable[BaseMessage], tools: Sequence[Any] | None = None) -> list[list[int]]:
+        """Token ids of each message, in order (their concatenation is the conversation's tokens).
+
+        ``tools``: see `prompt`.
+        """
+        _no_tools(tools)
         return [self.message_ids(m) for m in messages]
 
-    def prompt(self, messages: Iterable[BaseMessage]) -> list[int]:
-        """The conversation's tokens followed by the generation prefix (the start of the model's reply)."""
-        out: list[int] = []
-        for part in self.render(messages):
-            out += part
-        return out + self.generation_prefix
+    def head_ids(self, system: BaseMessage | None, tools: Sequence[Any] | None = None) -> list[int]:
+        """The tokens that open the window: the system message's (none without one)."""
+        _no_tools(tools)
+        return self.message_ids(system) if system is not None else []
 
-    def count(self, messages: Iterable[BaseMessage]) -> int:
-        """Tokens the messages take in the window."""
-        return sum(len(p) for p in self.render(messages))
+    def prompt(
+        self, messages: Iterable[BaseMessage], tools: Sequence[Any] | None = None, opener: str = ""
+    ) -> list[int]:
+        """The conversation's tokens followed by the generation prefix (the start of the model's reply).
+
+        ``tools`` (JSON schemas) are rendered by a template that defines them (`TemplateCodec`); this per-message
+        template has none, so it refuses them. ``opener``: text the reply is made to start with (a forced tool call).
+        """
+        messages = list(messages)
+        out = self.leading_ids(messages, tools)
+        for part in self.render(messages, tools):
+            out += part
+        return out + self.generation_prefix + self.encode(opener)
+
+    def leading_ids(self, messages: Sequence[BaseMessage], tools: Sequence[Any] | None = None) -> list[int]:
+        """Tokens `prompt` puts before the first message's (none for this template)."""
+        return []
+
+    def count(self, messages: Iterable[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """Tokens the messages take in the window.
+
+        A leading system message counts with the tools it opens with; see `leading_ids` for the head without one.
+        """
+        return sum(len(p) for p in self.render(messages, tools))
+
+    @property
+    def supports_tools(self) -> bool:
+        """Whether tools can be rendered into the prompt and tool calls read from replies."""
+        return False
+
+    def tool_call_opener(self, name: str | None = None) -> str | None:
+        """The text a reply opens a tool call with (to force one); None: this template has no tool calls."""
+        return None
+
+    def reply_digest(self, message: AIMessage) -> str:
+        """What an AI reply's recorded token ids are checked against: a digest of its text (and tool calls)."""
+        return content_digest(message.text)
 
     def __call__(self, messages: Iterable[Any]) -> int:
         """LangChain ``TokenCounter``: exact window tokens of message-likes (messages, dicts, tuples, strings)."""
@@ -252,14 +307,156 @@ class ChatCodec:
         return self.count(convert_to_messages(list(messages)))
 
 
+def _no_tools(tools: Sequence[Any] | None) -> None:
+    if tools:
+        raise NotImplementedError(NO_TOOL_TEMPLATE)
+
+
+NO_TOOL_TEMPLATE = (
+    "this model's chat template cannot show tools to the model or read tool calls from its replies: tool calling "
+    "needs a checkpoint whose Hugging Face chat template defines tools (an imported Qwen model's does; "
+    "docs/pretrained.md). Use the model without tools, or another model for the tool-calling step"
+)
+
+
+def _calls_json(message: AIMessage) -> str:
+    return json.dumps([[c["name"], c["args"]] for c in message.tool_calls], sort_keys=True, ensure_ascii=False)
+
+
+class TemplateCodec(ChatCodec):
+    """The checkpoint's own (Hugging Face, whole-conversation) chat template, rendered one message at a time.
+
+    Pieces come from `agentsleep.runtime.chat.ChatParts`: the window opens with ``head(system, tools)``; every other
+    message is the template's text for it in the middle of a conversation; the model's own replies are the tokens it
+    generated (reasoning and tool-call markup included) between the generation prompt and the reply end. So
+    ``tokens(m1..mk) = tokens(m1) + … + tokens(mk)`` holds as for `ChatCodec`, and each message is rendered once, in
+    the order it happened. Tool calls in replies are read with `agentsleep.runtime.chat.parse_reply`.
+
+    Args:
+        tokenizer: the checkpoint's tokenizer.
+        chat: its chat template (`TextCodec.chat`).
+        fingerprint: the model's (recorded reply token ids are reused only from this model).
+        stop_token_ids: the checkpoint's stop tokens (`TextCodec.stop_token_ids`); the reply end's first token joins.
+        template_kwargs: template variables (e.g. ``{"enable_thinking": False}``).
+    """
+
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        chat: ChatFormat,
+        *,
+        fingerprint: str | None = None,
+        stop_token_ids: Sequence[int] = (),
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.chat = chat
+        self.template = None  # type: ignore[assignment]  # no per-message ChatTemplate
+        self.fingerprint = fingerprint
+        self.template_kwargs = dict(template_kwargs or {})
+        self._encode_piece = lru_cache(maxsize=512)(self._encode_uncached)
+        parts = self.parts(None)
+        self.generation_prefix = self.encode(parts.generation_prompt)
+        self.end_ids = self.encode(parts.reply_end)
+        stops = list(stop_token_ids)
+        if self.end_ids and tokenizer.decode(self.end_ids[:1], skip_special_tokens=True) == "":
+            stops.append(self.end_ids[0])  # a special token ("<|im_end|>") closes the reply: generation stops at it
+        self.stop_token_ids = tuple(dict.fromkeys(stops))
+        self._supports_tools = chat.supports_tools and parts.tool_call_opener() is not None
+
+    def __repr__(self) -> str:
+        return f"TemplateCodec({self.chat!r})"
+
+    def parts(self, tools: Sequence[Any] | None) -> ChatParts:
+        """The template's pieces for these tools (cached by the `ChatFormat`)."""
+        return self.chat.parts(list(tools) if tools else None, **self.template_kwargs)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+        if not text:
+            return []
+        if len(text) <= 256:  # message headers, reply ends, tool blocks: cached
+            return list(self._encode_piece(text))
+        return list(self._encode_uncached(text))
+
+    @property
+    def supports_tools(self) -> bool:
+        """True when the template reads ``tools`` and renders tool calls."""
+        return self._supports_tools
+
+    def tool_call_opener(self, name: str | None = None) -> str | None:
+        """The text a reply opens a tool call with, in this template's format."""
+        return self.parts(None).tool_call_opener(name) if self._supports_tools else None
+
+    def reply_digest(self, message: AIMessage) -> str:
+        """A digest of the reply's text and its tool calls (names and arguments)."""
+        return content_digest(message.text + (_calls_json(message) if message.tool_calls else ""))
+
+    def _check_tools(self, tools: Sequence[Any] | None) -> None:
+        if tools and not self._supports_tools:
+            raise NotImplementedError(NO_TOOL_TEMPLATE)
+
+    def _own_reply(self, message: BaseMessage) -> list[int] | None:
+        """The exact tokens of a reply this model generated (unedited), else None."""
+        if not isinstance(message, AIMessage) or not message.response_metadata:
+            return None
+        meta = message.response_metadata.get(METADATA_KEY)
+        if (
+            isinstance(meta, dict)
+            and isinstance(meta.get("token_ids"), list)
+            and meta.get("fingerprint") in (accepted(self.fingerprint) if self.fingerprint else (None,))
+            and meta.get("digest") == self.reply_digest(message)
+        ):
+            return [int(t) for t in meta["token_ids"]]
+        return None
+
+    def body_ids(self, message: BaseMessage) -> list[int]:
+        """The model's own reply as generated, else the message's text."""
+        own = self._own_reply(message)
+        return own if own is not None else self.encode(message.text)
+
+    def message_ids(self, message: BaseMessage) -> list[int]:
+        """One message after others: the model's own reply as generated, any other as the template renders it."""
+        own = self._own_reply(message)
+        if own is not None:
+            return self.generation_prefix + own + self.end_ids
+        (data,) = as_chat_messages([message])
+        return self.encode(self.parts(None).message(data))
+
+    def head_ids(self, system: BaseMessage | None, tools: Sequence[Any] | None = None) -> list[int]:
+        """The system prompt with the tools, as the template opens a conversation (Qwen: one system block)."""
+        self._check_tools(tools)
+        data = as_chat_messages([system])[0] if system is not None else None
+        return self.encode(self.parts(tools).head(data))
+
+    def render(self, messages: Iterable[BaseMessage], tools: Sequence[Any] | None = None) -> list[list[int]]:
+        """One piece per message; a leading system message is the head (with the tools)."""
+        self._check_tools(tools)
+        out: list[list[int]] = []
+        for i, m in enumerate(messages):
+            out.append(self.head_ids(m, tools) if i == 0 and m.type == "system" else self.message_ids(m))
+        return out
+
+    def leading_ids(self, messages: Sequence[BaseMessage], tools: Sequence[Any] | None = None) -> list[int]:
+        """The head the window opens with when no system message leads.
+
+        That is the tools' block, or a default system prompt the template adds; empty for most templates.
+        """
+        if messages and messages[0].type == "system":
+            return []
+        return self.head_ids(None, tools)
+
+
 __all__ = [
     "CONFIG_KEY",
     "CONFIG_SECTION",
     "END_TOKEN",
     "METADATA_KEY",
+    "NO_TOOL_TEMPLATE",
     "ROLE_TOKENS",
     "ChatCodec",
     "ChatTemplate",
+    "TemplateCodec",
     "content_digest",
     "load_tokenizer",
 ]

@@ -71,9 +71,10 @@ from langgraph.types import Command
 from langchain_agentsleep import _window
 from langchain_agentsleep.chat_models import (
     ChatSleepHybrid,
-    _engine_template,
     _find_tokenizer,
+    _schemas,
     check_message_lengths,
+    make_codec,
     sync_window,
 )
 from langchain_agentsleep.chat_template import ChatCodec
@@ -935,15 +936,16 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
         update: dict[str, Any] = self._enter(agent, book, request.state)
         state = _merged(request.state, update)
         codec = model.codec
+        tools = _schemas(request.tools) if codec.supports_tools else None  # the head shows them (bind_tools)
         system = [request.system_message] if request.system_message is not None else []
-        _window.slot(model.engine, agent).head_tokens = codec.count(system)
+        _window.slot(model.engine, agent).head_tokens = len(codec.head_ids(request.system_message, tools))
         messages = _after(request.messages, state.get("consolidated_through"))
-        check_message_lengths(codec, model.window, [*system, *messages])
-        caught_up = self._catch_up(agent, request, state, messages, model)
+        check_message_lengths(codec, model.window, [*system, *messages], tools)
+        caught_up = self._catch_up(agent, request, state, messages, model, tools)
         if caught_up:
             update = {**update, **caught_up}
             messages = _after(request.messages, caught_up["consolidated_through"])
-        messages = self._fit(agent, request.system_message, messages, model)
+        messages = self._fit(agent, request.system_message, messages, model, tools)
         snapshot_id = _merged(request.state, update).get("snapshot_id")
         settings = {**request.model_settings, "agent_id": agent, "snapshot_id": snapshot_id}
         return request.override(messages=messages, model_settings=settings), update or None
@@ -955,6 +957,7 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
         state: Mapping[str, Any],
         messages: list[AnyMessage],
         model: ChatSleepHybrid,
+        tools: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any] | None:
         """Sleep the oldest messages in window-sized groups until the rest fits with room for the reply."""
         book = self._book(agent)
@@ -962,7 +965,7 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
             return None
         codec = model.codec
         system = [request.system_message] if request.system_message is not None else []
-        head = codec.count(system)
+        head = len(codec.head_ids(request.system_message, tools))
         tail = len(codec.generation_prefix) + len(codec.end_ids) + self._reserve()
         sizes = [len(p) for p in codec.render(messages)]
         start, slept = 0, False
@@ -976,7 +979,7 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
             group = messages[start : start + k]
             logger.info("agent %r: catching up, sleeping %d messages that cannot fit beside the rest", agent, k)
             try:
-                sync_window(self._eng, codec, agent, [*system, *group])
+                sync_window(self._eng, codec, agent, [*system, *group], tools=tools)
                 with book.cond:
                     book.sync_wanted = True
                 try:
@@ -1000,11 +1003,16 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
         return self._adopt(state, book) or None
 
     def _fit(
-        self, agent: str, system: BaseMessage | None, messages: list[AnyMessage], model: ChatSleepHybrid
+        self,
+        agent: str,
+        system: BaseMessage | None,
+        messages: list[AnyMessage],
+        model: ChatSleepHybrid,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[AnyMessage]:
         """Drop the oldest messages if the call cannot fit the window even after (a failed) sleep: degraded, logged."""
         codec = model.codec
-        head = codec.count([system]) if system is not None else 0
+        head = len(codec.head_ids(system, tools))
         fixed = head + len(codec.generation_prefix) + len(codec.end_ids) + 1  # at least one reply token
         sizes = [len(p) for p in codec.render(messages)]
         total = fixed + sum(sizes)
@@ -1081,7 +1089,7 @@ def _engine_codec(engine: Engine) -> ChatCodec | None:
         tok = _find_tokenizer(engine, None)
     except ConfigError:
         return None
-    return ChatCodec(tok, _engine_template(engine, tok), fingerprint=engine.fingerprint)
+    return make_codec(engine, tok)
 
 
 __all__ = ["OnError", "SleepMemory", "SleepState"]

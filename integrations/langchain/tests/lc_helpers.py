@@ -181,3 +181,166 @@ def make_rig(
     saver = checkpointer if checkpointer is not None else InMemorySaver()
     agent = create_agent(model, system_prompt="you remember", middleware=[memory, *middleware], checkpointer=saver)
     return Rig(model, memory, agent, saver)
+
+
+# ---------------------------------------------------------------------- a model with a Hugging Face chat template
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<think>", "</think>"]
+QWEN_CORPUS = [
+    "The weather in Paris is sunny and warm today. What is the weather like? It is 21 degrees.",
+    'user assistant system tool call response name arguments {"city": "Paris", "unit": "celsius"} get_weather',
+    "# Tools You may call one or more functions to assist with the user query. <tools> </tools> function",
+    "For each call, return a JSON object with function name and arguments within tags parameters type object",
+    "0123456789 + - * / = ? ! , . ; : ' \" ( ) [ ] { } < > _ | \n\n description properties string required",
+]
+
+# ChatML with tools in the system prompt and Hermes JSON tool calls (Qwen2.5 / Qwen3), reasoning kept only after the
+# last user query and consecutive tool results in one user turn: the look-ahead a whole-conversation template has.
+HERMES_TEMPLATE = """{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n<tools>' }}
+{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}
+{{- '\\n</tools>\\n\\nFor each call, return a JSON object in <tool_call></tool_call> tags.<|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- set ns = namespace(last_query=-1) %}
+{%- for message in messages %}
+{%- if message.role == 'user' %}{%- set ns.last_query = loop.index0 %}{%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}
+{%- set content = message.content or '' %}
+{%- set reasoning = '' %}
+{%- if '</think>' in content %}
+{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}
+{%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+{%- endif %}
+{%- if loop.index0 > ns.last_query and reasoning %}
+{{- '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + content }}
+{%- else %}
+{{- '<|im_start|>assistant\\n' + content }}
+{%- endif %}
+{%- for call in message.tool_calls or [] %}
+{%- if call.function is defined %}{%- set call = call.function %}{%- endif %}
+{%- if loop.first and content %}{{- '\\n' }}{%- elif not loop.first %}{{- '\\n' }}{%- endif %}
+{{- '<tool_call>\\n{\"name\": \"' + call.name + '\", \"arguments\": ' }}
+{%- if call.arguments is string %}{{- call.arguments }}{%- else %}{{- call.arguments | tojson }}{%- endif %}
+{{- '}\\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}
+{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}
+{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
+
+# Qwen3.5's XML tool calls (Qwen3-Coder format)
+XML_TEMPLATE = """{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+{{- '# Tools\\n\\n<tools>' }}
+{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}
+{{- '\\n</tools>\\n\\nCall a function like this:\\n<tool_call>\\n<function=example>\\n<parameter=key>\\nvalue\\n'
+    '</parameter>\\n</function>\\n</tool_call><|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}
+{{- '<|im_start|>assistant\\n' + (message.content or '') }}
+{%- for call in message.tool_calls or [] %}
+{%- if call.function is defined %}{%- set call = call.function %}{%- endif %}
+{{- '\\n<tool_call>\\n<function=' + call.name + '>\\n' }}
+{%- for key, value in call.arguments.items() %}
+{{- '<parameter=' + key + '>\\n' }}
+{%- if value is string %}{{- value }}{%- else %}{{- value | tojson }}{%- endif %}
+{{- '\\n</parameter>\\n' }}
+{%- endfor %}
+{{- '</function>\\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}
+{{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
+
+TEMPLATES = {"hermes": HERMES_TEMPLATE, "xml": XML_TEMPLATE}
+
+
+def build_qwen_tokenizer() -> Tokenizer:
+    """A byte-level BPE trained on a few sentences, with Qwen's chat and tool special tokens."""
+    from tokenizers import decoders, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=QWEN_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(QWEN_CORPUS * 4, trainer)
+    return tok
+
+
+def build_template_checkpoint(
+    path: Path, template: str = HERMES_TEMPLATE, *, window: int = 1024, seed: int = 0
+) -> Path:
+    """A checkpoint shaped like an imported Qwen model: random SleepHybrid weights, a byte-level BPE tokenizer with
+    Qwen's special tokens, and a Hugging Face chat template (chat_template.jinja, tokenizer_config.json's eos)."""
+    import json
+
+    tok = build_qwen_tokenizer()
+    torch.manual_seed(seed)
+    cfg = HybridConfig(
+        vocab_size=tok.get_vocab_size(with_added_tokens=True), d_model=64, layout="agag", window=window,
+        bos_token_id=0, gdn_head_dim=64, passes=2, init_std=0.05,
+    )  # fmt: skip
+    model = SleepHybrid(cfg).eval()
+    model.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "chat_template.jinja").write_text(template)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+class ScriptedEngine(TorchEngine):
+    """A TorchEngine whose replies are scripted texts (no trained weights exist here): `generate` takes the prompt in
+    as usual, then emits the next scripted reply's tokens and the end-of-turn token, as a model would, into the
+    window. ``prompts`` records every prompt it was given (token ids), ``window_before`` the window's length then."""
+
+    def __init__(self, *args: Any, replies: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.replies = list(replies or [])
+        self.prompts: list[list[int]] = []
+        self.window_before: list[int] = []
+
+    def generate(self, agent_id: str, prompt: Any, sampling: Any = None, **kwargs: Any) -> Any:
+        from agentsleep.runtime import Generation
+
+        assert self.codec is not None and self.replies, "no scripted reply left"
+        ids = [int(t) for t in prompt]
+        self.prompts.append(ids)
+        self.window_before.append(self.session(agent_id).window_tokens if self.has_agent(agent_id) else 0)
+        out = self.codec.tokenizer.encode(self.replies.pop(0), add_special_tokens=False).ids
+        out.append(self.codec.tokenizer.token_to_id("<|im_end|>"))
+        limit = sampling.max_new_tokens if sampling is not None else len(out)
+        out = out[:limit]
+        stop = "stop" if out and out[-1] in (sampling.stop_tokens if sampling is not None else ()) else "length"
+        sleeps = self.observe(agent_id, ids + out).sleeps
+        return Generation(agent_id, tuple(out), stop, len(ids), sleeps, self.session(agent_id).window_tokens)
+
+
+def template_model(path: Path, replies: list[str], **kwargs: Any) -> ChatSleepHybrid:
+    """ChatSleepHybrid over a `ScriptedEngine` on a template checkpoint."""
+    from agentsleep.model import SleepHybrid
+
+    engine = ScriptedEngine(SleepHybrid.from_pretrained(path), tokenizer=path / "tokenizer.json", replies=replies)
+    return ChatSleepHybrid(engine=engine, max_tokens=kwargs.pop("max_tokens", 64), **kwargs)
