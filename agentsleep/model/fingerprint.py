@@ -142,17 +142,31 @@ def fingerprint_of(config: BaseModel, tensors: Mapping[str, Tensor]) -> Fingerpr
     v2 = hashlib.sha256(_V2_TAG + _canonical_json(config).encode() + b"\0")
     v1 = hashlib.sha256(v1_json.encode()) if v1_json is not None else None
     for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        t = tensors[name].detach()
         shape = list(t.shape)
-        data = t.numpy().tobytes()
         v2.update(json.dumps([name, shape]).encode() + b"\0")
-        v2.update(data)
         if v1 is not None:
             v1.update(name.encode())
             v1.update(json.dumps(shape).encode())
-            v1.update(data)
+        for chunk in _float32_chunks(t):
+            v2.update(chunk)
+            if v1 is not None:
+                v1.update(chunk)
     current = f"{CURRENT_RULE}:{v2.hexdigest()[:32]}"
     return Fingerprint(current, [v1.hexdigest()[:32]] if v1 is not None else [])
+
+
+_CHUNK = 1 << 22  # elements converted and hashed at a time: bounds the extra memory to 16 MiB whatever the model
+
+
+def _float32_chunks(t: Tensor) -> Iterable[memoryview]:
+    """The bytes of ``t`` as contiguous float32 (what both rules hash), a bounded chunk at a time and without copies
+    where ``t`` already is contiguous float32 on the CPU. Hashing the chunks equals hashing the whole tensor's bytes,
+    so the digest is the one the rules define; only the peak memory and the time of the copies go."""
+    flat = t.reshape(-1)  # a view of a contiguous tensor; a copy (in t's own dtype) only for a strided one
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start : start + _CHUNK].to("cpu", torch.float32)
+        yield memoryview(part.numpy()).cast("B")
 
 
 def canonical_config(config: BaseModel) -> dict[str, Any]:

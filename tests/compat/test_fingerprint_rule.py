@@ -292,3 +292,38 @@ def test_store_accepts_aliases_and_refuses_other_models_with_a_typed_error(tmp_p
     queues = {sleep_queue(fp) for fp in accepted(m.fingerprint)}
     assert sleep_queue(m.fingerprint.aliases[0]) in queues and sleep_queue(str(m.fingerprint)) in queues
     assert not queues & {sleep_queue(fp) for fp in accepted(model("sliding").fingerprint)}
+
+
+def test_chunked_hashing_gives_the_digests_the_rules_define(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights are hashed as float32 a bounded chunk at a time (no float32 copy of a whole bf16 model): the digests
+    must equal the rules' definition — sha256 over each whole tensor's contiguous float32 bytes — for every dtype,
+    strided tensors, empty ones and chunk boundaries anywhere."""
+    import hashlib
+
+    import agentsleep.model.fingerprint as fpm
+
+    g = torch.Generator().manual_seed(7)
+    tensors = {
+        "a.weight": torch.randn(37, 29, generator=g).to(torch.bfloat16),
+        "b.weight": torch.randn(40, 30, generator=g).t(),  # strided view
+        "c.bias": torch.randn(101, generator=g, dtype=torch.float64),
+        "d.empty": torch.zeros(0, 3),
+        "e.half": torch.randn(3, 5, 7, generator=g).to(torch.float16),
+    }
+    cfg = HybridConfig(**BASE)
+
+    def by_definition() -> tuple[str, str]:
+        v2 = hashlib.sha256(fpm._V2_TAG + fpm._canonical_json(cfg).encode() + b"\0")
+        v1 = hashlib.sha256(fpm._v1_json(cfg).encode())
+        for name in sorted(tensors):
+            t = tensors[name].to(torch.float32).contiguous()
+            data = t.numpy().tobytes()
+            v2.update(json.dumps([name, list(t.shape)]).encode() + b"\0" + data)
+            v1.update(name.encode() + json.dumps(list(t.shape)).encode() + data)
+        return f"{CURRENT_RULE}:{v2.hexdigest()[:32]}", v1.hexdigest()[:32]
+
+    want = by_definition()
+    for chunk in (1, 7, 64, 1 << 22):
+        monkeypatch.setattr(fpm, "_CHUNK", chunk)
+        fp = fingerprint_of(cfg, tensors)
+        assert (str(fp), fp.aliases[0]) == want, chunk
