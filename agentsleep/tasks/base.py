@@ -295,6 +295,25 @@ def pack_rows(
     return tokens, mask, lengths, left_pads
 
 
+def right_padded(
+    rows: Sequence[tuple[Sequence[int], Sequence[bool]]], metas: list[dict[str, Any]], config: TaskConfig
+) -> Batch:
+    """A batch of variable-length rows right-padded to the longest (the English tasks, whose rows already end on a
+    window boundary): ``lengths`` are the rows' own lengths. No rows give an empty batch."""
+    window, pad_id = config.window, config.pad_id
+    if not rows:
+        empty = np.zeros((0, 0), np.int64)
+        return Batch(tokens=empty, loss_mask=empty.astype(bool), meta=[], window=window, pad_id=pad_id)
+    width = max(len(t) for t, _ in rows)
+    tokens = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=bool)
+    for i, (t, m) in enumerate(rows):
+        tokens[i, : len(t)] = t
+        mask[i, : len(m)] = m
+    lengths = np.array([len(t) for t, _ in rows], dtype=np.int64)
+    return Batch(tokens=tokens, loss_mask=mask, meta=metas, window=window, pad_id=pad_id, lengths=lengths)
+
+
 def target_predictions(predictions: Any, batch: Batch) -> np.ndarray:
     """Predicted ids ``[n, T]`` aligned with ``batch.tokens`` (index i = prediction for token i).
 

@@ -49,6 +49,7 @@ from agentsleep.tasks.base import (
     TaskConfig,
     check_split,
     example_rng,
+    right_padded,
     seed_sequence,
     target_predictions,
 )
@@ -346,17 +347,7 @@ def generate(split: Split, n: int, seed: int, config: FamilyConfig | None = None
                 "text": " ".join(t for t, _ in msgs) + " " + ex["question"] + " " + relation,
             }
         )
-    if not rows:
-        empty = np.zeros((0, 0), np.int64)
-        return Batch(tokens=empty, loss_mask=empty.astype(bool), meta=[], window=cfg.window, pad_id=cfg.pad_id)
-    width = max(len(t) for t, _ in rows)
-    tokens = np.full((n, width), cfg.pad_id, dtype=np.int64)
-    mask = np.zeros((n, width), dtype=bool)
-    for i, (t, m) in enumerate(rows):
-        tokens[i, : len(t)] = t
-        mask[i, : len(m)] = m
-    lengths = np.array([len(t) for t, _ in rows], dtype=np.int64)
-    return Batch(tokens=tokens, loss_mask=mask, meta=metas, window=cfg.window, pad_id=cfg.pad_id, lengths=lengths)
+    return right_padded(rows, metas, cfg)
 
 
 # --------------------------------------------------------------------------------------------------- scoring
