@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from agentsleep.train.cli import parse_curriculum, parse_overrides
-from agentsleep.train.trainer import TrainConfig, load_log, make_task
+from agentsleep.train.trainer import TrainConfig, load_log, make_task, passes_label
 
 log = logging.getLogger("evals.model")
 
@@ -76,8 +76,8 @@ class Run:
 
 
 def _same_config(out: Path, cfg: TrainConfig) -> bool:
-    p = out / "train_config.json"
-    return p.is_file() and json.loads(p.read_text()) == json.loads(cfg.model_dump_json())
+    p = out / "train_config.json"  # fields added since a run finished take their defaults
+    return p.is_file() and TrainConfig.model_validate_json(p.read_text()).model_dump() == cfg.model_dump()
 
 
 # ---------------------------------------------------------------------------------------------------- planning
@@ -87,7 +87,19 @@ def variants(args: argparse.Namespace, base_layout: str) -> list[Variant]:
     out = []
     for n in args.passes:
         scale = args.lr_scale.get(n, 1.0)
-        ov = {"lr_muon": args.lr_muon * scale, "lr_adamw": args.lr_adamw * scale}
+        ov: dict[str, Any] = {"lr_muon": args.lr_muon * scale, "lr_adamw": args.lr_adamw * scale}
+        if args.eval_passes:
+            ov["eval_passes"] = args.eval_passes
+        if args.passes_dist != "fixed" and n > args.passes_min:  # sampled N: n is N_max
+            ov.update(
+                passes_dist=args.passes_dist,
+                passes_min=args.passes_min,
+                passes_mean=args.passes_mean,
+                passes_per=args.passes_per,
+            )
+            label = passes_label(TrainConfig(passes=n, **{k: v for k, v in ov.items() if k.startswith("passes_")}))
+            out.append(Variant(f"n{n}-{args.passes_dist}", f"sleep N~{label}", n, ov))
+            continue
         out.append(Variant(f"n{n}", f"sleep N={n}", n, ov))
     if args.baselines:
         task = make_task(TrainConfig(task=args.task, preset=args.preset, task_overrides=args.task_set))
@@ -437,6 +449,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-muon", type=float, default=2e-3)
     p.add_argument("--lr-adamw", type=float, default=2e-3)
     p.add_argument("--lr-scale", nargs="*", default=[], help="per-N LR multipliers, e.g. 4=0.5")
+    p.add_argument(
+        "--passes-dist",
+        default="fixed",
+        choices=["fixed", "uniform", "lognormal_poisson"],
+        help="sampled-N training: every --passes value is N_max of a draw over passes-min..N_max",
+    )
+    p.add_argument("--passes-min", type=int, default=1)
+    p.add_argument("--passes-mean", type=float, default=None, help="lognormal_poisson: mean N")
+    p.add_argument("--passes-per", default="window", choices=["window", "step"])
+    p.add_argument("--eval-passes", type=int, nargs="*", default=[], help="also score sleep variants at these N")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--curriculum", default=None, help='e.g. "0:t=1;300:t=2;600:" (identical for every variant)')
