@@ -14,10 +14,13 @@ Each stream of a batch stops on its own: once converged, its state is frozen at 
 still run for the other streams but do not touch it), so every row equals ``model.sleep(row, passes=used)`` exactly.
 The first test is after pass 2 (it needs two passes to compare), so ``passes ≥ min(2, max_passes)``.
 
-Runtime API (what a sleep policy should call)::
+Runtime API (what a sleep policy should call; ``passes="auto"`` with ``max_passes`` and ``tol``)::
 
-    out = sleep_adaptive(model, window_tokens, state, max_passes=8, tol=0.05)   # criterion="state"
-    new_state, used = out.state, out.passes            # FastWeights, LongTensor [B]
+    out = sleep_adaptive(model, window_tokens, state, max_passes=8, tol=0.05)   # = model.sleep(...) with N="auto"
+    out = sleep_window_adaptive(model, cache, max_passes=8, tol=0.05)           # = model.sleep_window(cache, ...)
+    new_state, used = out.state, out.passes            # FastWeights, LongTensor [B] (passes each stream used)
+
+A scheduler that must cut a sleep short caps ``max_passes`` by the idle time it has (passes cost about the same each).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from agentsleep.errors import InvalidInput, WindowOverflow
-from agentsleep.model.hybrid import SleepHybrid
+from agentsleep.model.hybrid import SleepHybrid, WindowCache
 from agentsleep.model.layers import PassContext
 from agentsleep.model.state import FastWeights
 
@@ -128,7 +131,7 @@ def sleep_adaptive(
     B, T = tokens.shape
     if T > model.config.window:
         raise WindowOverflow(f"{T} tokens do not fit a window of L={model.config.window}; split them or sleep")
-    # The window set-up of SleepHybrid._run_window, then its pass loop one pass at a time.
+    # The window set-up of SleepHybrid._run_window, then pass 1; passes 2.. run in `_continue`.
     ids, valid, _ = model._window_slots(tokens, state)
     n = ids.shape[1]
     prefix = list(state.kv)
@@ -138,23 +141,61 @@ def sleep_adaptive(
     positions = torch.arange(n, device=ids.device).expand(B, n)
     any_pad = model.config.pad_token_id is not None and not bool(valid.all())
     ctx = PassContext(positions=positions, mask=model._mask(n, P, key_valid), valid=valid if any_pad else None)
-    h = model.embed_tokens(ids)
-    ssm: list[Tensor] = list(state.ssm)
-    kvs: list[tuple[Tensor, Tensor]] = []
-    logits = None
-    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    used = torch.zeros(B, dtype=torch.long, device=ids.device)
+    h, ssm, kvs = model._pass(model.embed_tokens(ids), ctx, list(state.ssm), prefix)
+    return _continue(model, h, ssm, kvs, ctx, prefix, valid, key_valid, state.fingerprint, max_passes, tol, criterion)
+
+
+@torch.no_grad()
+def sleep_window_adaptive(
+    model: SleepHybrid, cache: WindowCache, *, max_passes: int, tol: float, criterion: Criterion = "state"
+) -> AdaptiveSleep:
+    """`SleepHybrid.sleep_window` with adaptive depth: pass 1 already ran token by token in ``extend``; passes 2..
+    run over the cached pass-1 features until each stream converges (or ``max_passes``). Equals
+    ``sleep_adaptive(window tokens, cache.state, ...)``, as ``sleep_window`` equals ``sleep``."""
+    check_auto(max_passes, tol, criterion)
+    ssm = [st.ssm for st in cache.layers if st.ssm is not None]
+    kvs = [st.kv for st in cache.layers if st.kv is not None]
+    n, P = cache.ids.shape[1], cache.prefix_len
+    B = cache.ids.shape[0]
+    valid = cache.key_valid[:, P:]
+    any_pad = model.config.pad_token_id is not None and not bool(valid.all())
+    ctx = PassContext(
+        positions=torch.arange(n, device=model.device).expand(B, n),
+        mask=model._mask(n, P, cache.key_valid),
+        valid=valid if any_pad else None,
+    )
+    if n == 0:  # an empty window: nothing to sleep on
+        max_passes = 1
+    return _continue(
+        model, cache.h, ssm, kvs, ctx, list(cache.state.kv), valid, cache.key_valid, cache.state.fingerprint,  # type: ignore[arg-type]
+        max_passes, tol, criterion,
+    )  # fmt: skip
+
+
+def _continue(
+    model: SleepHybrid,
+    h: Tensor,
+    ssm: list[Tensor],
+    kvs: list[tuple[Tensor, Tensor]],
+    ctx: PassContext,
+    prefix: list[tuple[Tensor, Tensor]],
+    valid: Tensor,
+    key_valid: Tensor,
+    fingerprint: str,
+    max_passes: int,
+    tol: float,
+    criterion: Criterion,
+) -> AdaptiveSleep:
+    """Passes 2..max_passes from pass 1's features ``h`` [B, n, d] and state; each stream stops once converged."""
+    B, n = valid.shape
+    done = torch.zeros(B, dtype=torch.bool, device=h.device)
+    used = torch.ones(B, dtype=torch.long, device=h.device)
     deltas: list[Tensor] = []
-    for j in range(1, max_passes + 1):
+    logits = model.logits(h) if criterion == "kl" and max_passes > 1 else None
+    sliding = model.config.eviction == "sliding"
+    for j in range(2, max_passes + 1):
         h_new, ssm_new, kvs_new = model._pass(h, ctx, ssm, prefix)
-        if j == 1:
-            h, ssm, kvs = h_new, ssm_new, kvs_new
-            used[:] = 1
-            if criterion == "kl":
-                logits = model.logits(h)
-            continue
         if criterion == "state":  # what crosses the window: S, plus the retained K/V under sliding eviction
-            sliding = model.config.eviction == "sliding"
             delta = _state_change(
                 ssm + ([t for kv in kvs for t in kv] if sliding else []),
                 ssm_new + ([t for kv in kvs_new for t in kv] if sliding else []),
@@ -173,7 +214,7 @@ def sleep_adaptive(
         done = done | (delta < tol)
         if bool(done.all()):
             break
-    new_state = model._next_state(ssm, kvs, key_valid, n, state.fingerprint)
+    new_state = model._next_state(ssm, kvs, key_valid, n, fingerprint)
     return AdaptiveSleep(state=new_state, passes=used, deltas=deltas)
 
 

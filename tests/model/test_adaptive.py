@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from agentsleep.errors import InvalidInput, WindowOverflow
-from agentsleep.model.adaptive import AutoPasses, forward_adaptive, sleep_adaptive
+from agentsleep.model.adaptive import AutoPasses, forward_adaptive, sleep_adaptive, sleep_window_adaptive
 from agentsleep.model.hybrid import HybridConfig, SleepHybrid
 
 V, BOS, PAD = 9, 7, 8
@@ -88,6 +88,32 @@ def test_each_stream_equals_a_fixed_sleep_at_the_n_it_used(eviction: str, criter
         assert used[b] == (below[0] if below else 6)
         single = m.sleep(x[b : b + 1], st.select(b), used[b])
         assert_states_equal(out.state, single, rows=slice(b, b + 1))
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+@pytest.mark.parametrize("criterion", ["state", "kl"])
+def test_streaming_window_sleep_equals_the_whole_window_sleep(eviction: str, criterion: str) -> None:
+    m = make(eviction)
+    B = 4
+    x = toks(B, 6, seed=6)
+    st = warm_state(m, B)
+    probe = sleep_adaptive(m, x, st, max_passes=5, tol=0.0, criterion=criterion)
+    tol = float(torch.stack(probe.deltas)[1:3].median())
+    want = sleep_adaptive(m, x, st, max_passes=5, tol=tol, criterion=criterion)
+    cache = m.start_window(st)
+    m.extend(cache, x[:, :4])  # decoding feeds the window in pieces
+    m.extend(cache, x[:, 4:])
+    got = sleep_window_adaptive(m, cache, max_passes=5, tol=tol, criterion=criterion)
+    assert got.passes.tolist() == want.passes.tolist() and len(set(got.passes.tolist())) > 1
+    for a, b in zip(got.deltas, want.deltas):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    for b in range(B):
+        assert_states_equal(got.state, want.state.select(b), rows=slice(b, b + 1))
+    cache = m.start_window(st)
+    m.extend(cache, x)
+    full = sleep_window_adaptive(m, cache, max_passes=5, tol=0.0, criterion=criterion)  # never stops early
+    assert full.passes.tolist() == [5] * B
+    assert_states_equal(full.state, m.sleep_window(cache, 5))
 
 
 def test_state_measure_is_the_relative_change_of_s() -> None:
