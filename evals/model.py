@@ -105,7 +105,11 @@ def variants(args: argparse.Namespace, base_layout: str) -> list[Variant]:
         task = make_task(TrainConfig(task=args.task, preset=args.preset, task_overrides=args.task_set))
         attn = "a" * len(base_layout)
         lr = {"lr_muon": args.lr_muon, "lr_adamw": args.lr_adamw}
-        out += [
+        if (
+            args.baseline_curriculum is not None
+        ):  # e.g. a longer k = 1 stage: a stronger upper bound, said in the report
+            lr["curriculum"] = args.baseline_curriculum
+        base = [
             Variant(
                 "attn_full",
                 "full attention, whole cache (upper bound)",
@@ -116,6 +120,7 @@ def variants(args: argparse.Namespace, base_layout: str) -> list[Variant]:
             Variant("attn_evict", "full attention, hard eviction", 1, {**lr, "model": {"layout": attn}}, True),
             Variant("hybrid_2x", "hybrid 2x depth, N=1", 1, {**lr, "model": {"layout": base_layout * 2}}, True),
         ]
+        out += [v for v in base if v.key in args.baseline_kinds]
     return out
 
 
@@ -311,6 +316,7 @@ def markdown(args: argparse.Namespace, data: dict[str, Any], command: str) -> st
         f"({os.cpu_count()} CPUs, shared; one thread per run). Training: {args.steps} steps x batch {args.batch_size}"
         + (f", curriculum `{args.curriculum_text}`" if args.curriculum else "")
         + (f", N>1 warm-started from the shared N=1 model at step {args.warm_start}" if args.warm_start else "")
+        + (f"; baselines: curriculum `{args.baseline_curriculum_text}`" if args.baseline_curriculum is not None else "")
         + ".",
         "",
         "## Equal training tokens (the paper's comparison), with equal wall time beside it",
@@ -439,10 +445,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="toy")
     p.add_argument("--set", dest="task_set", action="append", default=[], help="task knob KEY=VALUE")
     p.add_argument("--model", dest="model_set", action="append", default=[], help="HybridConfig KEY=VALUE")
-    p.add_argument("--passes", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--passes", type=int, nargs="*", default=[1, 2, 4], help="sleep variants (none: baselines only)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--baselines", action="store_true", help="add the three baselines (see module docstring)")
     p.add_argument("--baseline-seeds", type=int, nargs="+", default=None, help="default: the first seed")
+    p.add_argument(
+        "--baseline-kinds",
+        nargs="+",
+        default=["attn_full", "attn_evict", "hybrid_2x"],
+        choices=["attn_full", "attn_evict", "hybrid_2x"],
+        help="which baselines --baselines adds",
+    )
+    p.add_argument(
+        "--baseline-curriculum", default=None, help="the baselines' own curriculum (default: the sleep variants')"
+    )
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--optimizer", default="muon", choices=["muon", "adamw"])
@@ -486,6 +502,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.model_set = parse_overrides(args.model_set)
     args.curriculum_text = args.curriculum
     args.curriculum = parse_curriculum(args.curriculum)
+    args.baseline_curriculum_text = args.baseline_curriculum
+    if args.baseline_curriculum is not None:
+        args.baseline_curriculum = parse_curriculum(args.baseline_curriculum)
     args.lr_scale = _pairs(args.lr_scale)
     args.baseline_seeds = args.baseline_seeds or args.seeds[:1]
     args.difficulty_label = ", ".join(f"{k}={v}" for k, v in args.task_set.items()) or args.preset
