@@ -25,8 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from agentsleep.train.eval_cli import score_checkpoint
-from evals.anyn import RESULTS, describe, mean_std
+from evals.anyn import RESULTS, SCORES, cached_score, describe, mean_std
 
 log = logging.getLogger("evals.adaptive")
 
@@ -37,14 +36,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models = []
     for path in args.models:
         info = describe(path)
-        fixed = score_checkpoint(path, list(args.fixed_passes), size=args.size, seed=0)
+        fixed = {n: cached_score(path, n, args.size, args.scores_dir) for n in args.fixed_passes}
         auto = []
         for criterion, tols in (("state", args.state_tols), ("kl", args.kl_tols)):
             for tol in tols:
-                log.info("%s: auto, %s < %g", path, criterion, tol)
-                s = score_checkpoint(
-                    path, ["auto"], size=args.size, seed=0, max_passes=args.max_passes, tol=tol, criterion=criterion
-                )["auto"]
+                s = cached_score(
+                    path, "auto", args.size, args.scores_dir, max_passes=args.max_passes, tol=tol, criterion=criterion
+                )
                 auto.append({"criterion": criterion, "tol": tol, "scores": s})
         models.append({**info, "fixed": {str(n): s for n, s in fixed.items()}, "auto": auto})
     return {"models": models, "max_passes": args.max_passes, "size": args.size}
@@ -149,6 +147,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="exact")
     p.add_argument("--name", required=True)
     p.add_argument("--results-dir", type=Path, default=RESULTS)
+    p.add_argument("--scores-dir", type=Path, default=SCORES, help="memo of checkpoint scores (git-ignored)")
     p.add_argument("--notes", default=None)
     return p
 

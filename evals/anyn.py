@@ -18,6 +18,7 @@ Writes ``<name>.md``, ``<name>.json`` and ``<name>.png`` into ``evals/results/``
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import logging
@@ -36,6 +37,7 @@ log = logging.getLogger("evals.anyn")
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "evals" / "results"
+SCORES = REPO / "runs" / "evals" / "scores"  # git-ignored memo of checkpoint scores (see `cached_score`)
 GOAL_POINTS = 0.02  # issue 17: within 2 points of the best fixed-N model at every N ≥ 2
 
 
@@ -56,13 +58,29 @@ def describe(path: Path) -> dict[str, Any]:
     }
 
 
-def score_all(paths: list[Path], passes: list[int | str], size: int, **auto: Any) -> list[dict[str, Any]]:
+def cached_score(path: Path, n: int | str, size: int, cache_dir: Path | None = SCORES, **auto: Any) -> dict[str, float]:
+    """`score_checkpoint` at one N (or "auto"), memoised under runs/evals/scores/ by the weights' hash and the
+    settings, so re-running a report (or the adaptive sweep) does not re-score what it already scored."""
+    h = hashlib.sha256((path / "model.safetensors").read_bytes())
+    h.update((path / "config.json").read_bytes())
+    h.update(json.dumps([n, size, sorted(auto.items())]).encode())
+    cache = cache_dir / f"{h.hexdigest()[:24]}.json" if cache_dir is not None else None
+    if cache is not None and cache.is_file():
+        return json.loads(cache.read_text())
+    log.info("scoring %s at N=%s %s", path, n, auto or "")
+    scores = score_checkpoint(path, [n], size=size, seed=0, **auto)[n]
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(scores))
+    return scores
+
+
+def score_all(paths: list[Path], passes: list[int | str], size: int, cache_dir: Path | None) -> list[dict[str, Any]]:
     out = []
     for p in paths:
         info = describe(p)
-        log.info("scoring %s (N=%s) at %s", p, info["trained_n"], passes)
-        scores = score_checkpoint(p, passes, size=size, seed=0, **auto)
-        out.append({**info, "scores": {str(n): s for n, s in scores.items()}})
+        scores = {str(n): cached_score(p, n, size, cache_dir) for n in passes}
+        out.append({**info, "scores": scores})
     return out
 
 
@@ -248,6 +266,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="exact")
     p.add_argument("--name", required=True)
     p.add_argument("--results-dir", type=Path, default=RESULTS)
+    p.add_argument("--scores-dir", type=Path, default=SCORES, help="memo of checkpoint scores (git-ignored)")
     p.add_argument("--notes", default=None, help="a Markdown file appended to the report")
     return p
 
@@ -258,8 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     passes: list[int | str] = list(args.passes)
     data: dict[str, Any] = {
-        "anyn": score_all(args.anyn, passes, args.size),
-        "fixed": score_all(args.fixed, passes, args.size),
+        "anyn": score_all(args.anyn, passes, args.size, args.scores_dir),
+        "fixed": score_all(args.fixed, passes, args.size, args.scores_dir),
         "fixed_reference": fixed_reference(args.fixed_results, args.metric),
         "passes": args.passes,
         "size": args.size,

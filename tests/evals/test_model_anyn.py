@@ -34,7 +34,7 @@ def test_anyn_report(ckpts: dict[str, Path], tmp_path: Path) -> None:
     fixed_json.write_text(json.dumps({"variants": {"n2": {"baseline": False, "passes": 2, "seeds": seeds}}}))
     argv = ["--anyn", str(ckpts["any0"]), str(ckpts["any1"]), "--fixed", str(ckpts["n2"]), "--fixed-results",
             str(fixed_json), "--passes", "1", "2", "4", "--size", "32", "--name", "t",
-            "--results-dir", str(tmp_path)]  # fmt: skip
+            "--results-dir", str(tmp_path), "--scores-dir", str(tmp_path / "memo")]  # fmt: skip
     data = anyn.main(argv)
     assert [m["trained_n"] for m in data["anyn"]] == ["U{1..4}", "U{1..4}"] and data["fixed"][0]["trained_n"] == "2"
     want = score_checkpoint(ckpts["any1"], [1, 2, 4], size=32)
@@ -46,11 +46,14 @@ def test_anyn_report(ckpts: dict[str, Path], tmp_path: Path) -> None:
     assert "python -m evals.anyn --anyn" in md and "| any-N (`any0`) | U{1..4} | 0, 1 |" in md
     assert "N = 2: 0.500 (0.400, 0.600)" in md and "non-decreasing in N" in md
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(list((tmp_path / "memo").glob("*.json"))) == 3 * 3  # one memo per checkpoint and N
+    assert anyn.main(argv)["anyn"] == data["anyn"]  # a rerun reads the memo
 
 
 def test_adaptive_report(ckpts: dict[str, Path], tmp_path: Path) -> None:
     argv = ["--models", str(ckpts["any0"]), "--max-passes", "4", "--fixed-passes", "1", "2", "--state-tols", "0",
-            "1e9", "--kl-tols", "1e9", "--size", "32", "--name", "a", "--results-dir", str(tmp_path)]  # fmt: skip
+            "1e9", "--kl-tols", "1e9", "--size", "32", "--name", "a", "--results-dir", str(tmp_path),
+            "--scores-dir", str(tmp_path / "memo")]  # fmt: skip
     data = adaptive.main(argv)
     m = data["models"][0]
     assert set(m["fixed"]) == {"1", "2", "4"}  # N_max is always scored
