@@ -67,12 +67,33 @@ def cached_score(path: Path, n: int | str, size: int, cache_dir: Path | None = S
     cache = cache_dir / f"{h.hexdigest()[:24]}.json" if cache_dir is not None else None
     if cache is not None and cache.is_file():
         return json.loads(cache.read_text())
-    log.info("scoring %s at N=%s %s", path, n, auto or "")
-    scores = score_checkpoint(path, [n], size=size, seed=0, **auto)[n]
+    scores = _trainer_scores(path, n, size) if not auto else None
+    if scores is None:
+        log.info("scoring %s at N=%s %s", path, n, auto or "")
+        scores = score_checkpoint(path, [n], size=size, seed=0, **auto)[n]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(scores))
     return scores
+
+
+def _trainer_scores(path: Path, n: int | str, size: int) -> dict[str, float] | None:
+    """The trainer's own final scores at N, when its held-out set is this one (same size, seed 0): the same
+    `evaluate` call on the same weights and batch, so there is nothing to recompute."""
+    from agentsleep.train.trainer import TrainConfig
+
+    ev_file, cfg_file = path / "eval.json", path / "train_config.json"
+    if not (ev_file.is_file() and cfg_file.is_file()):
+        return None
+    cfg = TrainConfig.model_validate_json(cfg_file.read_text())
+    if cfg.final_eval_size != size or cfg.eval_seed != 0:
+        return None
+    ev = json.loads(ev_file.read_text())
+    if str(n) in ev.get("by_passes", {}):
+        return ev["by_passes"][str(n)]
+    if n == ev.get("passes"):
+        return {k: v for k, v in ev.items() if k not in ("step", "passes", "by_passes")}
+    return None
 
 
 def score_all(paths: list[Path], passes: list[int | str], size: int, cache_dir: Path | None) -> list[dict[str, Any]]:

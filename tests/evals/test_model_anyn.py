@@ -39,14 +39,19 @@ def test_anyn_report(ckpts: dict[str, Path], tmp_path: Path) -> None:
     assert [m["trained_n"] for m in data["anyn"]] == ["U{1..4}", "U{1..4}"] and data["fixed"][0]["trained_n"] == "2"
     want = score_checkpoint(ckpts["any1"], [1, 2, 4], size=32)
     assert {n: s["exact"] for n, s in data["anyn"][1]["scores"].items()} == {str(n): want[n]["exact"] for n in want}
-    # the scorer's N_max score is the trainer's final eval (same 32 held-out examples)
+    # the trainer's final eval (same 32 held-out examples) is reused, and equals the scorer's
     assert data["anyn"][0]["scores"]["4"]["exact"] == json.loads((ckpts["any0"] / "eval.json").read_text())["exact"]
+    fresh = score_checkpoint(ckpts["any0"], [1, 2, 4], size=32)
+    assert {n: s["exact"] for n, s in data["anyn"][0]["scores"].items()} == {str(n): fresh[n]["exact"] for n in fresh}
     assert data["fixed_reference"] == {2: {"mean": 0.5, "per_seed": [0.4, 0.6], "source": "fixed.json"}}
     md = (tmp_path / "t.md").read_text()
     assert "python -m evals.anyn --anyn" in md and "| any-N (`any0`) | U{1..4} | 0, 1 |" in md
     assert "N = 2: 0.500 (0.400, 0.600)" in md and "non-decreasing in N" in md
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
     assert len(list((tmp_path / "memo").glob("*.json"))) == 3 * 3  # one memo per checkpoint and N
+    assert data["fixed"][0]["scores"]["2"] == {
+        k: v for k, v in json.loads((ckpts["n2"] / "eval.json").read_text()).items() if k not in ("step", "passes")
+    }
     assert anyn.main(argv)["anyn"] == data["anyn"]  # a rerun reads the memo
 
 
