@@ -197,11 +197,13 @@ def markdown(args: argparse.Namespace, data: dict[str, Any], command: str) -> st
 
 
 def goal_lines(data: dict[str, Any], args: argparse.Namespace) -> list[str]:
-    """Is the any-N model within 2 points of the best fixed-N model at every N ≥ 2, and non-decreasing in N?"""
+    """Is the any-N model within 2 points of the fixed-N models at every N ≥ 2, and non-decreasing in N?
+
+    Two readings of "the best fixed-N model", both reported: the fixed-N model trained for that N (3-seed mean of
+    ``--fixed-results``, where one exists), and the best fixed-N model of all, each at its own N (the strict one)."""
     metric, ns = args.metric, [str(n) for n in args.passes]
     ref = data["fixed_reference"]
-    fixed_at = {n: max((m["scores"][n][metric] for m in data["fixed"]), default=math.nan) for n in ns}
-    best_own = max((r["mean"] for r in ref.values()), default=math.nan)
+    best_n, best = max(((n, r["mean"]) for n, r in ref.items()), key=lambda x: x[1], default=(None, math.nan))
     out = []
     for label, ms in group(data["anyn"]).items():
         means = [float(np.mean([m["scores"][n][metric] for m in ms])) for n in ns]
@@ -212,7 +214,7 @@ def goal_lines(data: dict[str, Any], args: argparse.Namespace) -> list[str]:
             if means[i + 1] < means[i]
         ]
         out.append(
-            f"* `{label}`: non-decreasing in N: **{'yes' if mono else 'no'}**"
+            f"* `{label}` ({len(ms)} seeds): non-decreasing in N: **{'yes' if mono else 'no'}**"
             + (f" — drops at {', '.join(drops)}" if drops else "")
             + "."
         )
@@ -220,17 +222,18 @@ def goal_lines(data: dict[str, Any], args: argparse.Namespace) -> list[str]:
             if int(n) < 2:
                 continue
             parts = []
-            if not math.isnan(best_own):
-                gap = mu - best_own
+            own = ref.get(int(n))
+            if own is not None:
+                gap = mu - own["mean"]
                 parts.append(
-                    f"vs the best fixed-N model at its own N ({best_own:.3f}, 3 seeds): {gap:+.3f} "
-                    f"({'met' if gap >= -GOAL_POINTS else 'missed'})"
+                    f"vs the fixed N = {n} model ({own['mean']:.3f}): {gap:+.3f} "
+                    f"(**{'met' if gap >= -GOAL_POINTS else 'missed'}**)"
                 )
-            if not math.isnan(fixed_at[n]):
-                gap = mu - fixed_at[n]
+            if best_n is not None:
+                gap = mu - best
                 parts.append(
-                    f"vs the best shipped fixed-N checkpoint run at N = {n} ({fixed_at[n]:.3f}): {gap:+.3f} "
-                    f"({'met' if gap >= -GOAL_POINTS else 'missed'})"
+                    f"vs the best fixed-N model, N = {best_n} at its own N ({best:.3f}): {gap:+.3f} "
+                    f"(**{'met' if gap >= -GOAL_POINTS else 'missed'}**)"
                 )
             out.append(f"  * N = {n}: {mu:.3f}; " + "; ".join(parts) + ".")
     return out
@@ -262,9 +265,11 @@ def plot(args: argparse.Namespace, data: dict[str, Any], path: Path) -> None:
         if len(ms) > 1:
             for v in vals:
                 ax.plot(xs, v, ".", color=c, alpha=0.5)
-    for n, r in sorted(data["fixed_reference"].items()):
-        ax.axhline(r["mean"], color="grey", ls=":", lw=0.8)
-        ax.text(xs[-1], r["mean"], f" fixed N={n}, 3 seeds", fontsize=6.5, va="center", color="grey")
+    ref = sorted(data["fixed_reference"].items())
+    if ref:  # the fixed-N recipes at their own N, mean ± std over their seeds
+        sd = [np.std(r["per_seed"], ddof=1) for _, r in ref]
+        ax.errorbar([n for n, _ in ref], [r["mean"] for _, r in ref], yerr=sd, fmt="kD", ms=6, capsize=3,
+                    label="fixed N, at its own N (mean ± std over seeds)", zorder=5)  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel("sleep passes N at inference")
