@@ -3,7 +3,8 @@
 Two kinds of count, for two questions:
 
 * **Is the window full?** Only the agent model's own tokenizer (`tokenizers.Tokenizer`, the `tokenizer.json` of a
-  checkpoint) answers this exactly: `TokenCounter.from_tokenizer(...)`.
+  checkpoint) answers this exactly: `TokenCounter.from_tokenizer(...)`, or `TokenCounter.from_pretrained(dir)`, which
+  also renders message lists with the checkpoint's own chat template.
 * **How big is this text, for a budget?** tiktoken's `cl100k_base` / `o200k_base`: `TokenCounter.tiktoken(...)`.
 
 Stock `tiktoken.get_encoding` downloads its BPE file on first use and caches it in a machine-wide directory. We build
@@ -29,6 +30,8 @@ from agentsleep.errors import ConfigError, InvalidInput
 
 if TYPE_CHECKING:
     import tokenizers
+
+    from agentsleep.runtime.text import TextCodec
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +195,7 @@ class TokenCounter:
         self._encode = encode
         self.name = name
         self.tokens_per_message = tokens_per_message
+        self._codec: TextCodec | None = None  # the model's chat template, when counting with it (from_pretrained)
 
     @classmethod
     def tiktoken(
@@ -247,6 +251,31 @@ class TokenCounter:
 
         return cls(encode, name=label, tokens_per_message=tokens_per_message)
 
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], *, tokens_per_message: int = DEFAULT_TOKENS_PER_MESSAGE
+    ) -> TokenCounter:
+        """Count exactly as the agent model sees text: its own tokenizer, and for message lists its own chat template
+        (``chat_template.jinja`` / ``tokenizer_config.json`` of a Hugging Face checkpoint), if it ships one.
+
+        A conversation then counts the tokens of its rendered prompt (roles, delimiters and tool calls included, no
+        generation prompt). Where the template refuses a partial conversation (Qwen's insist on a user turn), the
+        count falls back to the text of each message plus ``tokens_per_message``.
+
+        Raises:
+            InvalidInput: the path holds no ``tokenizer.json``, or it cannot be parsed.
+        """
+        from agentsleep.runtime.text import TextCodec
+
+        codec = TextCodec.from_file(path)
+        counter = cls(
+            lambda text: codec.tokenizer.encode(text, add_special_tokens=False).ids,
+            name=f"model:{os.fspath(path)}",
+            tokens_per_message=tokens_per_message,
+        )
+        counter._codec = codec if codec.chat is not None else None
+        return counter
+
     def count(self, text: str) -> int:
         """Number of tokens in `text`."""
         if not isinstance(text, str):
@@ -278,6 +307,12 @@ class TokenCounter:
         """
         if isinstance(messages, str | bytes):  # a bare string is iterable too; it is one message, not many
             messages = [messages]
+        if self._codec is not None:
+            messages = list(messages)
+            try:
+                return len(self._codec.chat_prompt(messages, add_generation_prompt=False)) if messages else 0
+            except InvalidInput as e:
+                logger.debug("chat template refused a partial conversation (%s); counting message by message", e)
         total = 0
         for message in messages:
             total += self.tokens_per_message

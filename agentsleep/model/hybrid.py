@@ -15,11 +15,10 @@ Decisions on the points the paper leaves open are in ``docs/model.md``.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,11 +29,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from agentsleep.errors import CheckpointError, ConfigError, InvalidInput, SnapshotMismatch, WindowOverflow
-from agentsleep.model.layers import Block, LayerState, PassContext, RMSNorm, shift_keys
+from agentsleep.model.fingerprint import Fingerprint, accepts, fingerprint_of, mismatch
+from agentsleep.model.layers import Block, LayerState, PassContext, RMSNorm, building_on_meta, shift_keys
 from agentsleep.model.state import FastWeights
+
+logger = logging.getLogger(__name__)
 
 SERVABLE_GDN_HEAD_DIMS = (64, 128)  # vLLM's CPU GDN kernel accepts only these (spec/vllm-cpu.md §3.2)
 MIN_ATTN_HEAD_DIM = 32  # smallest head size of vLLM's CPU attention backend (spec/vllm-cpu.md §2.2)
+MLP_KINDS = {"d": "SwiGLU", "e": "mixture of experts", "-": "none"}
 
 
 class HybridConfig(BaseModel):
@@ -64,6 +67,50 @@ class HybridConfig(BaseModel):
     pad_token_id: int | None = Field(None, description="if set, these tokens are inert: masked, never write S")
     tie_embeddings: bool = Field(False, description="share the input embedding with the output head")
     init_std: float = Field(0.02, gt=0, description="std of linear/embedding init (GPT-2)")
+    # ---- paper §2.4–2.5: which blocks loop, and blocks without an MLP (inserted memory layers)
+    loop: tuple[int, int] | None = Field(
+        None,
+        description="blocks [start, end) repeated in sleep passes 2..N (Jet-Nemotron loops its middle 14 of 28, "
+        "paper §2.5); blocks outside run in pass 1 only. Default: the whole stack",
+    )
+    mlp_layout: str | None = Field(
+        None,
+        description="MLP kind per block: 'd' SwiGLU, 'e' mixture of experts, '-' none (a memory layer inserted "
+        "without MLP, paper §2.4 Ouro + Jet). Default: 'd' everywhere",
+    )
+    # ---- layer variants of imported checkpoints (docs/pretrained.md); the defaults are the native hybrid
+    norm_offset: float = Field(
+        0.0, description="RMSNorms scale by (offset + weight); 1.0 in Qwen3-Next / Qwen3.5 (zero-centred weights)"
+    )
+    attn_qkv_bias: bool = Field(False, description="biases on q/k/v projections (Qwen2; Qwen3 attention_bias)")
+    attn_o_bias: bool = Field(False, description="bias on the attention output projection (Qwen3 attention_bias)")
+    attn_output_gate: bool = Field(
+        False, description="q_proj also yields a per-head gate g: out = o_proj(attn · sigmoid(g)) (Qwen3-Next)"
+    )
+    rotary_dim: int | None = Field(None, description="RoPE on the first rotary_dim of each head (partial); default all")
+    gdn_in_proj: Literal["qkvz", "split"] = Field(
+        "qkvz",
+        description="GDN input projections: fused per key head 'in_proj_qkvz'/'in_proj_ba' (Qwen3-Next), or "
+        "'in_proj_qkv', 'in_proj_z', 'in_proj_b', 'in_proj_a' (Qwen3.5)",
+    )
+    gdn_l2norm_eps: float | None = Field(
+        None, description="q/k L2 norm as x·rsqrt(|x|²+eps) (fla, transformers: 1e-6); default x / max(|x|, 1e-12)"
+    )
+    moe_experts: int = Field(0, ge=0, description="routed experts of an 'e' MLP (Qwen3-Next)")
+    moe_top_k: int = Field(0, ge=0, description="experts each token is routed to")
+    moe_intermediate_size: int | None = Field(None, description="hidden size of each routed expert")
+    moe_shared_intermediate_size: int = Field(0, ge=0, description="hidden size of the sigmoid-gated shared expert")
+    moe_norm_topk: bool = Field(True, description="renormalise the top-k routing weights to sum to 1")
+    max_attention_span: int | None = Field(
+        None,
+        description="longest span the attention layers were trained on (max positions, or a sliding window); "
+        "the window (+ BOS) must fit in it",
+    )
+    check_serving: bool = Field(
+        True,
+        description="refuse head sizes vLLM's CPU kernels cannot serve; imported checkpoints set False and report "
+        "them through `serving_problems()` instead",
+    )
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -90,21 +137,20 @@ class HybridConfig(BaseModel):
 
     @model_validator(mode="after")
     def _validate(self) -> HybridConfig:
+        n = len(self.layout)
         if not self.layout or set(self.layout) - {"a", "g"}:
             raise ConfigError(f"layout must be a non-empty string of 'a' and 'g', got {self.layout!r}")
         if self.attn_heads % self.attn_kv_heads:  # type: ignore[operator]
             raise ConfigError(f"attn_heads ({self.attn_heads}) must be a multiple of attn_kv_heads")
-        if self.attn_head_dim < MIN_ATTN_HEAD_DIM or self.attn_head_dim % 2:  # type: ignore[operator]
+        if self.check_serving:
+            problems = self.serving_problems()
+            if problems:
+                raise ConfigError(problems[0])
+        rot = self.rotary_dim if self.rotary_dim is not None else self.attn_head_dim
+        if self.attn_head_dim % 2 or rot % 2 or not 0 < rot <= self.attn_head_dim:  # type: ignore[operator]
             raise ConfigError(
-                f"attn_head_dim must be even and ≥ {MIN_ATTN_HEAD_DIM} (vLLM CPU attention), got {self.attn_head_dim}; "
-                "use fewer heads or a wider model"
-            )
-        if "g" in self.layout and (
-            self.gdn_head_dim not in SERVABLE_GDN_HEAD_DIMS or self.gdn_v_head_dim not in SERVABLE_GDN_HEAD_DIMS
-        ):
-            raise ConfigError(
-                f"GDN head sizes must be one of {SERVABLE_GDN_HEAD_DIMS} (vLLM's GDN kernels), "
-                f"got d_k={self.gdn_head_dim}, d_v={self.gdn_v_head_dim}"
+                f"attention head size ({self.attn_head_dim}) and rotary_dim ({rot}) must be even, with "
+                "0 < rotary_dim ≤ head size"
             )
         if self.gdn_v_heads % self.gdn_heads:  # type: ignore[operator]
             raise ConfigError(f"gdn_v_heads ({self.gdn_v_heads}) must be a multiple of gdn_heads ({self.gdn_heads})")
@@ -114,22 +160,68 @@ class HybridConfig(BaseModel):
                 raise ConfigError(f"{name}={tid} is outside the vocabulary [0, {self.vocab_size})")
         if self.bos_token_id is not None and self.bos_token_id == self.pad_token_id:
             raise ConfigError("bos_token_id and pad_token_id must differ")
+        if self.mlp_layout is not None and (len(self.mlp_layout) != n or set(self.mlp_layout) - set(MLP_KINDS)):
+            raise ConfigError(
+                f"mlp_layout must give one of {sorted(MLP_KINDS)} per block ({n} blocks), got {self.mlp_layout!r}"
+            )
+        if "e" in self.mlp_kinds and not (
+            0 < self.moe_top_k <= self.moe_experts and (self.moe_intermediate_size or 0) > 0
+        ):
+            raise ConfigError(
+                "mixture-of-experts blocks need moe_experts ≥ moe_top_k ≥ 1 and moe_intermediate_size > 0; got "
+                f"{self.moe_experts}, {self.moe_top_k}, {self.moe_intermediate_size}"
+            )
+        if self.loop is not None and not 0 <= self.loop[0] < self.loop[1] <= n:
+            raise ConfigError(
+                f"loop={tuple(self.loop)} must be a block range [start, end) with 0 ≤ start < end ≤ {n} (this model "
+                f"has {n} blocks, layout {self.layout!r})"
+            )
+        if self.max_attention_span is not None and self.attention_span > self.max_attention_span:
+            bos = int(self.attention_span > self.window)
+            raise ConfigError(
+                f"a window of L={self.window} tokens{' + BOS' if bos else ''} exceeds the {self.max_attention_span} "
+                f"tokens the attention layers were trained on; use window ≤ {self.max_attention_span - bos}"
+            )
         return self
+
+    def serving_problems(self) -> list[str]:
+        """What vLLM's CPU kernels cannot serve in this config (spec/vllm-cpu.md §2.2, §3.2); empty if servable.
+
+        Native configs refuse these at construction (``check_serving``); imported checkpoints load anyway and carry
+        the list, so only serving refuses them.
+        """
+        problems = []
+        if self.attn_head_dim < MIN_ATTN_HEAD_DIM or self.attn_head_dim % 2:  # type: ignore[operator]
+            problems.append(
+                f"attn_head_dim must be even and ≥ {MIN_ATTN_HEAD_DIM} (vLLM CPU attention), got {self.attn_head_dim}; "
+                "use fewer heads or a wider model"
+            )
+        if "g" in self.layout and (
+            self.gdn_head_dim not in SERVABLE_GDN_HEAD_DIMS or self.gdn_v_head_dim not in SERVABLE_GDN_HEAD_DIMS
+        ):
+            problems.append(
+                f"GDN head sizes must be one of {SERVABLE_GDN_HEAD_DIMS} (vLLM's GDN kernels), "
+                f"got d_k={self.gdn_head_dim}, d_v={self.gdn_v_head_dim}"
+            )
+        return problems
+
+    @property
+    def attention_span(self) -> int:
+        """The most tokens one query can attend to: L (+ BOS, which opens every window under hard eviction)."""
+        return self.window + int(self.bos_token_id is not None and self.eviction == "hard")
+
+    @property
+    def mlp_kinds(self) -> str:
+        """One MLP kind per block ('d' SwiGLU, 'e' experts, '-' none)."""
+        return self.mlp_layout if self.mlp_layout is not None else "d" * len(self.layout)
+
+    def loop_range(self) -> tuple[int, int]:
+        """The blocks [start, end) that sleep passes 2..N run (the whole stack unless ``loop`` is set)."""
+        return (self.loop[0], self.loop[1]) if self.loop is not None else (0, len(self.layout))
 
     @property
     def n_layers(self) -> int:
         return len(self.layout)
-
-
-def fingerprint_of(config: HybridConfig, tensors: Mapping[str, Tensor]) -> str:
-    """Hash of the config and every weight (float32 bytes): two engines agree on it iff they run the same model."""
-    h = hashlib.sha256(config.model_dump_json().encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
-        h.update(name.encode())
-        h.update(json.dumps(list(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 @dataclass
@@ -157,17 +249,23 @@ class SleepHybrid(nn.Module):
     def __init__(self, config: HybridConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config, kind) for kind in config.layout)
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        if building_on_meta():  # skip nn.Embedding's normal_ init: the weights are about to be loaded
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model, _weight=torch.empty(0).new_empty(
+                config.vocab_size, config.d_model))  # fmt: skip
+        else:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, kind, mlp) for kind, mlp in zip(config.layout, config.mlp_kinds))
+        self.norm = RMSNorm(config.d_model, config.norm_eps, config.norm_offset)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # residual projections scaled per GPT-2 paper
-            if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, 0.0, config.init_std / math.sqrt(2 * config.n_layers))
-        self._fingerprint: str | None = None
+        if not self.embed_tokens.weight.is_meta:  # on meta, weights are about to be loaded: no init work
+            self.apply(self._init_weights)
+            for name, p in self.named_parameters():  # residual projections scaled per GPT-2 paper
+                if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
+                    nn.init.normal_(p, 0.0, config.init_std / math.sqrt(2 * config.n_layers))
+        self._fingerprint: Fingerprint | None = None
+        self.source_dir: Path | None = None  # the directory it was loaded from (its tokenizer files travel along)
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear | nn.Embedding):
@@ -176,19 +274,35 @@ class SleepHybrid(nn.Module):
     # ------------------------------------------------------------------ identity
 
     @property
-    def fingerprint(self) -> str:
-        """Hash of config + weights, computed once and cached; call `refresh_fingerprint` after changing weights."""
+    def fingerprint(self) -> Fingerprint:
+        """Hash of the weights and the config values that change the computation (rule v2, `model.fingerprint`),
+        computed once and cached; call `refresh_fingerprint` after changing weights. It is a ``str`` that also carries
+        the legacy fingerprints this model answers to (``.aliases``: its v1 fingerprint, if it has one)."""
         if self._fingerprint is None:
             self._fingerprint = fingerprint_of(self.config, self.state_dict())
         return self._fingerprint
 
-    def refresh_fingerprint(self) -> str:
+    def refresh_fingerprint(self) -> Fingerprint:
         self._fingerprint = None
         return self.fingerprint
 
     @property
+    def fingerprints(self) -> tuple[str, ...]:
+        """Every fingerprint this model answers to: the current one first, then legacy aliases."""
+        return self.fingerprint.accepted
+
+    def accepts(self, fingerprint: str) -> bool:
+        """True if a state or snapshot tagged ``fingerprint`` was made by this model (under any fingerprint rule)."""
+        return accepts(self.fingerprint, fingerprint)
+
+    @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights and activations (S is float32 regardless)."""
+        return self.embed_tokens.weight.dtype
 
     def _gdn_layers(self) -> list[Block]:
         return [b for b in self.layers if b.kind == "g"]  # type: ignore[misc]
@@ -211,8 +325,8 @@ class SleepHybrid(nn.Module):
             for b in self._attn_layers():
                 a = b.self_attn
                 kv.append(
-                    (torch.zeros(batch, a.n_kv, 0, a.head_dim, device=dev),
-                     torch.zeros(batch, a.n_kv, 0, a.head_dim, device=dev))
+                    (torch.zeros(batch, a.n_kv, 0, a.head_dim, device=dev, dtype=self._kv_dtype()),
+                     torch.zeros(batch, a.n_kv, 0, a.head_dim, device=dev, dtype=self._kv_dtype()))
                 )  # fmt: skip
             kv_valid = torch.zeros(batch, 0, device=dev)
         return FastWeights(ssm=ssm, kv=kv, kv_valid=kv_valid, fingerprint=self.fingerprint, batch=batch)
@@ -222,12 +336,20 @@ class SleepHybrid(nn.Module):
         return {k: v for k, v in self.init_state(batch).shapes().items() if k.startswith("ssm.")}
 
     def check_state(self, state: FastWeights, batch: int | None = None) -> None:
-        """Raise `SnapshotMismatch` unless ``state`` was made by this model and fits it."""
-        if state.fingerprint != self.fingerprint:
-            raise SnapshotMismatch(f"state belongs to model {state.fingerprint!r}, this model is {self.fingerprint!r}")
+        """Raise `SnapshotMismatch` unless ``state`` was made by this model (any of its `fingerprints`) and fits it."""
+        if not self.accepts(state.fingerprint):
+            raise mismatch(self.fingerprint, state.fingerprint, "state")
         want = self.init_state(batch or state.batch_size)
         if [list(s.shape) for s in state.ssm] != [list(s.shape) for s in want.ssm] or len(state.kv) != len(want.kv):
             raise SnapshotMismatch(f"state shapes {state.shapes()} do not fit this model ({want.shapes()})")
+
+    def adopt_state(self, state: FastWeights, batch: int | None = None) -> FastWeights:
+        """`check_state`, then the same state (tensors shared) tagged with this model's current fingerprint, so that
+        whatever is computed and saved from it carries the current rule (a legacy-tagged snapshot moves on)."""
+        self.check_state(state, batch)
+        if state.fingerprint is self.fingerprint:
+            return state
+        return replace(state, fingerprint=self.fingerprint)
 
     # ------------------------------------------------------------------ one pass, one window
 
@@ -242,20 +364,47 @@ class SleepHybrid(nn.Module):
         allowed = allowed[None] & key_valid[:, None, :]
         return allowed | (kj == qi)[None]  # a token may always see itself: no empty softmax row at a pad
 
-    def _pass(
-        self, h: Tensor, ctx: PassContext, ssm: list[Tensor], prefix: list[tuple[Tensor, Tensor]]
-    ) -> tuple[Tensor, list[Tensor], list[tuple[Tensor, Tensor]]]:
-        """Every block once. GDN layers start from ``ssm``; attention layers see ``prefix`` (read-only) + this input."""
-        it_ssm, it_kv = iter(ssm), iter(prefix)
-        new_ssm: list[Tensor] = []
-        new_kv: list[tuple[Tensor, Tensor]] = []
+    def _kv_dtype(self) -> torch.dtype:
+        """Cached keys/values share the activations' dtype; float32 models keep float32 (today's states)."""
+        return torch.float32 if self.dtype == torch.float32 else self.dtype
+
+    def _slots(self) -> tuple[list[int], list[int]]:
+        """For every block, its index among the GDN layers (state S) and among the attention layers (K/V); −1 if
+        it has none."""
+        ssm_slot, kv_slot, n_g, n_a = [], [], 0, 0
         for blk in self.layers:
+            ssm_slot.append(n_g if blk.kind == "g" else -1)
+            kv_slot.append(n_a if blk.kind == "a" else -1)
+            n_g, n_a = n_g + (blk.kind == "g"), n_a + (blk.kind == "a")
+        return ssm_slot, kv_slot
+
+    def _pass(
+        self,
+        h: Tensor,
+        ctx: PassContext,
+        ssm: list[Tensor],
+        prefix: list[tuple[Tensor, Tensor]],
+        kvs: list[tuple[Tensor, Tensor] | None] | None = None,
+        start: int = 0,
+        end: int | None = None,
+    ) -> tuple[Tensor, list[Tensor], list[tuple[Tensor, Tensor]]]:
+        """Blocks [start, end) once (default: every block). GDN layers start from their entry of ``ssm``; attention
+        layers see ``prefix`` (read-only) + this input. Returns h, and ``ssm`` / ``kvs`` (one entry per GDN /
+        attention layer) with the entries of the blocks that ran replaced."""
+        end = len(self.layers) if end is None else end
+        ssm_slot, kv_slot = self._slots()
+        new_ssm = list(ssm)
+        new_kv: list = list(kvs) if kvs is not None else [None] * sum(b.kind == "a" for b in self.layers)
+        for i in range(start, end):
+            blk = self.layers[i]
             if blk.kind == "a":
-                h, out = blk(h, ctx, LayerState(kv=next(it_kv, None)))
-                new_kv.append(out.kv)  # type: ignore[arg-type]
+                j = kv_slot[i]
+                h, out = blk(h, ctx, LayerState(kv=prefix[j] if prefix else None))
+                new_kv[j] = out.kv
             else:
-                h, out = blk(h, ctx, LayerState(ssm=next(it_ssm)))
-                new_ssm.append(out.ssm)  # type: ignore[arg-type]
+                j = ssm_slot[i]
+                h, out = blk(h, ctx, LayerState(ssm=new_ssm[j]))
+                new_ssm[j] = out.ssm  # type: ignore[assignment]
         return h, new_ssm, new_kv
 
     def _valid(self, ids: Tensor) -> Tensor:
@@ -288,14 +437,19 @@ class SleepHybrid(nn.Module):
         for blk, (k, v) in zip(self._attn_layers(), kvs):
             a = blk.self_attn
             start = k.shape[2] - min(keep, k.shape[2])
-            kv.append((shift_keys(k[:, :, start:], -n_slots, a.head_dim, a.theta), v[:, :, start:]))
+            kv.append((shift_keys(k[:, :, start:], -n_slots, a.rotary_dim, a.theta), v[:, :, start:]))
         kv_valid = key_valid[:, key_valid.shape[1] - min(keep, key_valid.shape[1]) :].float()
         return FastWeights(ssm=ssm, kv=kv, kv_valid=kv_valid, fingerprint=fp, batch=B)
 
     def _run_window(
-        self, tokens: Tensor, state: FastWeights, passes: int, use_checkpoint: bool = False
+        self, tokens: Tensor, state: FastWeights, passes: int, use_checkpoint: bool = False, coda_read: bool = False
     ) -> tuple[Tensor, FastWeights, bool]:
-        """Run ``passes`` passes over one window. Returns (last pass's features [B, slots, d], next state, has_bos)."""
+        """Run ``passes`` passes over one window. Returns (last pass's features [B, slots, d], next state, has_bos).
+
+        With a ``loop`` that ends before the last block and passes > 1, the last pass ends at the loop's last block;
+        ``coda_read`` then runs the blocks after it once more over those features, from the window's starting S and
+        keeping none of what they write, so the features are those of prelude → loop^N → coda.
+        """
         B, T = tokens.shape
         if T > self.config.window:
             raise WindowOverflow(f"{T} tokens do not fit a window of L={self.config.window}; split them or sleep")
@@ -312,12 +466,27 @@ class SleepHybrid(nn.Module):
         ctx = PassContext(positions=positions, mask=self._mask(n, P, key_valid), valid=valid if any_pad else None)
         h = self.embed_tokens(ids)
         ssm = list(state.ssm)
-        kvs: list[tuple[Tensor, Tensor]] = []
-        for _ in range(passes):
+        kvs: list = []
+        lo, hi = self.config.loop_range()
+        n_blocks = len(self.layers)
+
+        def run(*args: Any) -> tuple[Tensor, list[Tensor], list]:
             if use_checkpoint and torch.is_grad_enabled():
-                h, ssm, kvs = checkpoint(self._pass, h, ctx, ssm, prefix, use_reentrant=False)
-            else:
-                h, ssm, kvs = self._pass(h, ctx, ssm, prefix)
+                return checkpoint(self._pass, *args, use_reentrant=False)
+            return self._pass(*args)
+
+        # Pass 1 runs every block: up to the loop's end, then the coda (blocks after the loop), which thereby writes
+        # its S once per window. Passes 2..N run blocks [lo, hi) on pass j−1's output of block hi−1 (paper §2.5).
+        h, ssm, kvs = run(h, ctx, ssm, prefix, None, 0, hi)
+        h_loop = h
+        if hi < n_blocks:
+            h, ssm, kvs = run(h, ctx, ssm, prefix, kvs, hi, n_blocks)
+        for _ in range(passes - 1):
+            h_loop, ssm, kvs = run(h_loop, ctx, ssm, prefix, kvs, lo, hi)
+        if passes > 1:
+            h = h_loop
+            if coda_read and hi < n_blocks:  # whole-model features: the coda over the refined loop output, read-only
+                h = self._pass(h, ctx, list(state.ssm), prefix, kvs, hi, n_blocks)[0]
         return h, self._next_state(ssm, kvs, key_valid, n, state.fingerprint), has_bos
 
     def logits(self, h: Tensor) -> Tensor:
@@ -337,7 +506,7 @@ class SleepHybrid(nn.Module):
             logits [B, T, vocab] (logits[:, i] predicts the token after tokens[:, i], from the last pass);
             the state leaving the window (the caller evicts the window's K/V).
         """
-        h, new_state, has_bos = self._run_window(tokens, state, passes)
+        h, new_state, has_bos = self._run_window(tokens, state, passes, coda_read=True)
         return self.logits(h[:, int(has_bos) :]), new_state
 
     @torch.no_grad()
@@ -406,7 +575,7 @@ class SleepHybrid(nn.Module):
         for blk in self.layers:
             if blk.kind == "a":
                 a = blk.self_attn
-                empty = torch.zeros(B, a.n_kv, 0, a.head_dim, device=self.device)
+                empty = torch.zeros(B, a.n_kv, 0, a.head_dim, device=self.device, dtype=self._kv_dtype())
                 layers.append(LayerState(kv=next(it_kv, (empty, empty))))
             else:
                 layers.append(LayerState(ssm=next(it_ssm)))
@@ -416,7 +585,7 @@ class SleepHybrid(nn.Module):
         cache = WindowCache(
             state=state,
             layers=layers,
-            h=torch.zeros(B, 0, self.config.d_model, device=self.device),
+            h=torch.zeros(B, 0, self.config.d_model, device=self.device, dtype=self._kv_dtype()),
             ids=torch.zeros(B, 0, dtype=torch.long, device=self.device),
             key_valid=prefix_valid,
             n_fresh=0,
@@ -450,16 +619,21 @@ class SleepHybrid(nn.Module):
         any_pad = self.config.pad_token_id is not None and not bool(valid.all())
         ctx = PassContext(positions=positions, mask=self._mask(T, past, key_valid), valid=valid if any_pad else None)
         h = self.embed_tokens(ids)
+        loop_end = self.config.loop_range()[1]
+        h_loop = h
         for i, blk in enumerate(self.layers):
             h, cache.layers[i] = blk(h, ctx, cache.layers[i])
-        cache.h = torch.cat([cache.h, h], 1)
+            if i == loop_end - 1:
+                h_loop = h  # the input of sleep passes 2..N: the loop's output (the last block's without a loop)
+        cache.h = torch.cat([cache.h, h_loop], 1)
         cache.ids = torch.cat([cache.ids, ids], 1)
         cache.key_valid = key_valid
         return h
 
     @torch.no_grad()
     def sleep_window(self, cache: WindowCache, passes: int | None = None) -> FastWeights:
-        """Sleep on the open window: passes 2..N over its cached pass-1 features, then evict (returns the new state).
+        """Sleep on the open window: passes 2..N (of the ``loop`` blocks) over its cached pass-1 features, then evict
+        (returns the new state).
 
         Equals `sleep(window tokens, cache.state, passes)`: pass 1 already ran token by token in `extend`.
         """
@@ -467,7 +641,7 @@ class SleepHybrid(nn.Module):
         if N < 1:
             raise InvalidInput(f"passes must be ≥ 1, got {N}")
         ssm = [st.ssm for st in cache.layers if st.ssm is not None]
-        kvs = [st.kv for st in cache.layers if st.kv is not None]
+        kvs: list = [st.kv for st in cache.layers if st.kv is not None]
         n, P = cache.ids.shape[1], cache.prefix_len
         if N > 1 and n > 0:
             B = cache.ids.shape[0]
@@ -479,8 +653,9 @@ class SleepHybrid(nn.Module):
                 valid=valid if any_pad else None,
             )
             h, prefix = cache.h, list(cache.state.kv)
+            lo, hi = self.config.loop_range()
             for _ in range(N - 1):
-                h, ssm, kvs = self._pass(h, ctx, ssm, prefix)  # type: ignore[arg-type]
+                h, ssm, kvs = self._pass(h, ctx, ssm, prefix, kvs, lo, hi)  # type: ignore[arg-type]
         return self._next_state(ssm, kvs, cache.key_valid, n, cache.state.fingerprint)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ checkpoints
@@ -492,11 +667,51 @@ class SleepHybrid(nn.Module):
         return save_checkpoint(self, path, extra_config)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, device: torch.device | str = "cpu") -> SleepHybrid:
-        """Load a checkpoint directory written by `save_pretrained` (or by `agentsleep train`)."""
-        from agentsleep.model.checkpoint import load_checkpoint
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        for_serving: bool = False,
+        **overrides: Any,
+    ) -> SleepHybrid:
+        """Load a checkpoint directory: one written by `save_pretrained` (or `agentsleep train`), or a Hugging Face
+        one of a supported family (``qwen3_5_text``, ``qwen3_5``, ``qwen3_next``, ``qwen3``, ``qwen2``; see
+        docs/pretrained.md).
 
-        model = load_checkpoint(Path(path), device)
+        Args:
+            device: where the weights go.
+            dtype: e.g. ``torch.bfloat16`` to halve memory; default: as stored.
+            for_serving: refuse (`ConfigError`) a model vLLM's kernels cannot serve (`HybridConfig.serving_problems`);
+                otherwise such a model loads and only the problems are logged.
+            overrides: HybridConfig fields, e.g. ``window`` (L), ``passes`` (N), ``eviction``, ``loop=(start, end)``
+                (only those blocks repeat in sleep passes 2..N), plus ``insert_memory=[i, ...]`` (a fresh GDN memory
+                layer without MLP after each listed block, zero output at insertion). Indices count the blocks of the
+                directory being loaded.
+
+        Raises:
+            CheckpointError: missing/unreadable files, unsupported ``model_type``, weights that do not fit the config.
+            ConfigError: overrides that do not fit the model (a window beyond its trained span, a bad loop range),
+                or ``for_serving`` and unservable head sizes.
+            InvalidInput: an unknown override.
+        """
+        from agentsleep.model.checkpoint import MODEL_TYPE, load_checkpoint, read_config
+
+        path = Path(path)
+        raw = read_config(path)
+        if raw.get("model_type") in (MODEL_TYPE, None):
+            model = load_checkpoint(path, device, overrides=overrides, dtype=dtype)
+        else:
+            from agentsleep.model.hf.loader import load_hf
+
+            model = load_hf(path, raw, overrides=overrides, dtype=dtype, device=device)
+            model.source_dir = path
         if not isinstance(model, cls):
             raise CheckpointError(f"{path} does not hold a {cls.__name__}")
+        problems = model.config.serving_problems()
+        if problems and for_serving:
+            raise ConfigError(f"{path} cannot be served by vLLM: " + "; ".join(problems))
+        for p in problems:
+            logger.warning("%s: %s (fine for TorchEngine; vLLM would refuse it)", path, p)
         return model

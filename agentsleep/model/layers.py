@@ -29,23 +29,37 @@ if TYPE_CHECKING:
     from agentsleep.model.hybrid import HybridConfig
 
 
+def building_on_meta() -> bool:
+    """Whether modules are being built under ``torch.device("meta")`` (to receive loaded weights): random init there
+    is wasted work, and its first call costs seconds (it imports torch's Python reference kernels)."""
+    return torch.empty(0).device.type == "meta"
+
+
 def _up(x: Tensor) -> Tensor:
     """Upcast half precision to float32 for reductions; leave float32/float64 alone (float64 tests need it)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 (Zhang & Sennrich 2019)."""
+    """x / rms(x) * (offset + weight), computed in float32 (Zhang & Sennrich 2019).
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    ``offset = 1`` is the zero-centred form of Qwen3-Next / Qwen3.5 (weights stored as w, applied as 1 + w); the
+    weight starts at 1 − offset so a fresh norm always scales by one.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.offset = offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x: Tensor) -> Tensor:
         xf = _up(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.to(xf.dtype)).to(x.dtype)
+        w = self.weight.to(xf.dtype)
+        if self.offset:
+            w = w + self.offset
+        return (xf * w).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -79,7 +93,11 @@ def rope_cos_sin(
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, H, T, D] by cos/sin [B, 1, T, D] (or broadcastable)."""
+    """Rotate x [B, H, T, D] by cos/sin [B, 1, T, R] (or broadcastable), R ≤ D: partial RoPE rotates the first R
+    dimensions of each head and passes the rest through (Qwen3-Next, ``partial_rotary_factor``)."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (_up(x) * cos + _up(rotated) * sin).to(x.dtype)
@@ -92,19 +110,25 @@ class WindowAttention(nn.Module):
     """Causal softmax attention over the current window (and, under sliding eviction, the retained prefix).
 
     Keys are cached *after* rotation (as vLLM does), with positions counted from the current window's start.
+    Variants of imported checkpoints (all off in the native hybrid): q/k/v and output biases (Qwen2, Qwen3), an
+    output gate read from ``q_proj`` (Qwen3-Next: per head ``[q (D), gate (D)]``, out = attn · sigmoid(gate)), and
+    partial RoPE (``rotary_dim`` < D).
     """
 
     def __init__(self, cfg: HybridConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.attn_heads, cfg.attn_kv_heads, cfg.attn_head_dim
         self.theta = cfg.rope_theta
-        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.rotary_dim: int = cfg.rotary_dim or self.head_dim  # type: ignore[assignment]
+        self.gated = cfg.attn_output_gate
+        q_out = self.n_heads * self.head_dim * (2 if self.gated else 1)
+        self.q_proj = nn.Linear(cfg.d_model, q_out, bias=cfg.attn_qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.head_dim, bias=cfg.attn_qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.head_dim, bias=cfg.attn_qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.attn_o_bias)
         # Per-head q/k RMSNorm (as Qwen3): keeps logits bounded when the same stack is looped N times.
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
 
     def forward(
         self,
@@ -124,30 +148,46 @@ class WindowAttention(nn.Module):
             out [B, T, d]; (k, v) of past + new tokens, each [B, H_kv, P+T, D].
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        gate = None
+        if self.gated:  # per head [q, gate]: [B, T, H, 2D] -> two [B, T, H, D]
+            q, gate = self.q_proj(x).view(B, T, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            q = q.transpose(1, 2)  # [B, H, T, D]
+            gate = gate.reshape(B, T, self.n_heads * self.head_dim)
+        else:
+            q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.theta, _up(q).dtype)  # [B, T, D]
+        cos, sin = rope_cos_sin(positions, self.rotary_dim, self.theta, _up(q).dtype)  # [B, T, R]
         q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        if past is not None:  # (a restored snapshot holds float32 K/V; a bf16 model computes in bf16)
+            k, v = torch.cat([past[0].to(k.dtype), k], dim=2), torch.cat([past[1].to(v.dtype), v], dim=2)
         rep = self.n_heads // self.n_kv
         kk, vv = (k, v) if rep == 1 else (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
         y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[:, None])  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        if gate is not None:
+            y = y * torch.sigmoid(gate)
         return self.o_proj(y), (k, v)
 
 
-def shift_keys(k: Tensor, offset: int, head_dim: int, theta: float) -> Tensor:
+def shift_keys(k: Tensor, offset: int, rotary_dim: int, theta: float) -> Tensor:
     """Re-rotate cached keys by ``offset`` positions (RoPE rotations compose): used when retained keys move into the
-    next window's frame under sliding eviction. k: [B, H_kv, n, D]."""
-    cos, sin = rope_cos_sin(torch.tensor(float(offset), device=k.device), head_dim, theta, _up(k).dtype)
+    next window's frame under sliding eviction. k: [B, H_kv, n, D]; the first ``rotary_dim`` of D are rotated."""
+    cos, sin = rope_cos_sin(torch.tensor(float(offset), device=k.device), rotary_dim, theta, _up(k).dtype)
     return apply_rope(k, cos, sin)
 
 
 # ---------------------------------------------------------------------------------------------------- Gated DeltaNet
+
+
+def l2_normalize(x: Tensor, eps: float | None = None) -> Tensor:
+    """Unit-length last dimension: x / max(|x|, 1e-12) (``eps=None``), or x·rsqrt(|x|² + eps), the form of fla and
+    transformers' Qwen3-Next/Qwen3.5 kernels (``use_qk_l2norm_in_kernel``, eps 1e-6)."""
+    if eps is None:
+        return F.normalize(x, dim=-1)
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
 class GatedDeltaNet(nn.Module):
@@ -155,7 +195,9 @@ class GatedDeltaNet(nn.Module):
 
     ``in_proj_qkvz`` is grouped per key head as Qwen3-Next does: for each of the ``H_k`` key heads the projection holds
     ``[q (d_k), k (d_k), v (r·d_v), z (r·d_v)]`` with ``r = H_v / H_k``; ``in_proj_ba`` holds ``[b (r), a (r)]`` per key
-    head. The causal depthwise conv runs over the concatenation ``[q (all heads), k, v]``.
+    head. With ``gdn_in_proj="split"`` (Qwen3.5) the same quantities come from four projections, not grouped:
+    ``in_proj_qkv`` = ``[q (all heads), k, v]``, ``in_proj_z``, ``in_proj_b``, ``in_proj_a``. Either way value head j
+    reads key head j // r (GQA-style value heads), and the causal depthwise conv runs over ``[q (all heads), k, v]``.
     """
 
     def __init__(self, cfg: HybridConfig) -> None:
@@ -166,15 +208,26 @@ class GatedDeltaNet(nn.Module):
         self.key_dim, self.value_dim = self.h_k * self.d_k, self.h_v * self.d_v
         self.conv_size = cfg.conv_size
         self.conv_dim = 2 * self.key_dim + self.value_dim
-        self.in_proj_qkvz = nn.Linear(cfg.d_model, 2 * self.key_dim + 2 * self.value_dim, bias=False)
-        self.in_proj_ba = nn.Linear(cfg.d_model, 2 * self.h_v, bias=False)
+        self.split = cfg.gdn_in_proj == "split"
+        self.l2norm_eps = cfg.gdn_l2norm_eps
+        if self.split:
+            self.in_proj_qkv = nn.Linear(cfg.d_model, self.conv_dim, bias=False)
+            self.in_proj_z = nn.Linear(cfg.d_model, self.value_dim, bias=False)
+            self.in_proj_b = nn.Linear(cfg.d_model, self.h_v, bias=False)
+            self.in_proj_a = nn.Linear(cfg.d_model, self.h_v, bias=False)
+        else:
+            self.in_proj_qkvz = nn.Linear(cfg.d_model, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+            self.in_proj_ba = nn.Linear(cfg.d_model, 2 * self.h_v, bias=False)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, kernel_size=cfg.conv_size, groups=self.conv_dim, bias=False
         )
-        # Mamba2-style init (paper.md §2.2): A ~ U[1, 16]; dt ∈ [1e-3, 1e-1] log-uniform, stored as softplus⁻¹(dt).
-        self.A_log = nn.Parameter(torch.empty(self.h_v).uniform_(1, 16).log())
-        dt = torch.exp(torch.empty(self.h_v).uniform_(math.log(1e-3), math.log(1e-1)))
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus (pytorch issue #72759)
+        if building_on_meta():  # shapes only, the weights are about to be loaded (no init work)
+            self.A_log, self.dt_bias = nn.Parameter(torch.empty(self.h_v)), nn.Parameter(torch.empty(self.h_v))
+        else:
+            # Mamba2-style init (paper.md §2.2): A ~ U[1, 16]; dt ∈ [1e-3, 1e-1] log-uniform, stored as softplus⁻¹(dt).
+            self.A_log = nn.Parameter(torch.empty(self.h_v).uniform_(1, 16).log())
+            dt = torch.exp(torch.empty(self.h_v).uniform_(math.log(1e-3), math.log(1e-1)))
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus (pytorch issue #72759)
         self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
         self.dt_bias._no_weight_decay = True  # type: ignore[attr-defined]
         self.norm = GatedRMSNorm(self.d_v, cfg.norm_eps)
@@ -183,6 +236,16 @@ class GatedDeltaNet(nn.Module):
     def split_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """x [B, T, d] -> q, k [B, T, H_k, d_k]; v, z [B, T, H_v, d_v]; b, a [B, T, H_v] (Qwen3-Next ordering)."""
         B, T, _ = x.shape
+        if self.split:
+            q, k, v = self.in_proj_qkv(x).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+            return (
+                q.reshape(B, T, self.h_k, self.d_k),
+                k.reshape(B, T, self.h_k, self.d_k),
+                v.reshape(B, T, self.h_v, self.d_v),
+                self.in_proj_z(x).reshape(B, T, self.h_v, self.d_v),
+                self.in_proj_b(x),
+                self.in_proj_a(x),
+            )
         qkvz = self.in_proj_qkvz(x).view(B, T, self.h_k, 2 * self.d_k + 2 * self.ratio * self.d_v)
         q, k, v, z = qkvz.split([self.d_k, self.d_k, self.ratio * self.d_v, self.ratio * self.d_v], dim=-1)
         ba = self.in_proj_ba(x).view(B, T, self.h_k, 2 * self.ratio)
@@ -221,8 +284,8 @@ class GatedDeltaNet(nn.Module):
         mixed = F.silu(F.conv1d(buf, self.conv1d.weight, groups=self.conv_dim)).transpose(1, 2)  # [B, T, conv_dim]
         new_conv = buf[..., buf.shape[-1] - (self.conv_size - 1) :]
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = F.normalize(_up(q.reshape(B, T, self.h_k, self.d_k)), dim=-1) * self.d_k**-0.5
-        k = F.normalize(_up(k.reshape(B, T, self.h_k, self.d_k)), dim=-1)
+        q = l2_normalize(_up(q.reshape(B, T, self.h_k, self.d_k)), self.l2norm_eps) * self.d_k**-0.5
+        k = l2_normalize(_up(k.reshape(B, T, self.h_k, self.d_k)), self.l2norm_eps)
         if self.ratio > 1:  # GQA-style: each key head serves r value heads
             q, k = q.repeat_interleave(self.ratio, dim=2), k.repeat_interleave(self.ratio, dim=2)
         v = v.reshape(B, T, self.h_v, self.d_v)
@@ -241,14 +304,53 @@ class GatedDeltaNet(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, cfg: HybridConfig) -> None:
+    """down(silu(gate(x)) · up(x)) (Shazeer 2020)."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.d_model, bias=False)
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed SwiGLU experts plus a sigmoid-gated shared expert (Qwen3-Next), in plain PyTorch.
+
+    Names follow the Hugging Face checkpoints: ``gate`` (router, [E, d]), ``experts.{e}.{gate,up,down}_proj``,
+    ``shared_expert.*``, ``shared_expert_gate`` ([1, d]). Routing: softmax over all experts in float32, keep the top
+    k, renormalise them to sum to 1 if ``moe_norm_topk``. Only the experts some token picked run.
+    """
+
+    def __init__(self, cfg: HybridConfig) -> None:
+        super().__init__()
+        self.top_k, self.norm_topk = cfg.moe_top_k, cfg.moe_norm_topk
+        self.gate = nn.Linear(cfg.d_model, cfg.moe_experts, bias=False)
+        hidden: int = cfg.moe_intermediate_size  # type: ignore[assignment]
+        self.experts = nn.ModuleList(SwiGLU(cfg.d_model, hidden) for _ in range(cfg.moe_experts))
+        self.shared_expert: SwiGLU | None = None
+        self.shared_expert_gate: nn.Linear | None = None
+        if cfg.moe_shared_intermediate_size:
+            self.shared_expert = SwiGLU(cfg.d_model, cfg.moe_shared_intermediate_size)
+            self.shared_expert_gate = nn.Linear(cfg.d_model, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [n, d]
+        probs = F.softmax(_up(self.gate(x)), dim=-1)  # [n, E], float32 at least
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # [n, k]
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():
+            tok, slot = torch.where(chosen == e)
+            out.index_add_(0, tok, self.experts[e](x[tok]) * weights[tok, slot, None])
+        if self.shared_expert is not None and self.shared_expert_gate is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.reshape(shape)
 
 
 @dataclass
@@ -270,18 +372,22 @@ class PassContext:
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + Mixer(norm(x)), then x + MLP(norm(x)). The mixer is attention ('a') or GDN ('g')."""
+    """Pre-norm block: x + Mixer(norm(x)), then x + MLP(norm(x)). The mixer is attention ('a') or GDN ('g'); the MLP
+    is SwiGLU ('d'), a mixture of experts ('e') or absent ('-': a memory layer inserted without MLP)."""
 
-    def __init__(self, cfg: HybridConfig, kind: str) -> None:
+    def __init__(self, cfg: HybridConfig, kind: str, mlp: str = "d") -> None:
         super().__init__()
         self.kind = kind
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         if kind == "a":
             self.self_attn = WindowAttention(cfg)
         else:
             self.linear_attn = GatedDeltaNet(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
+        self.post_attention_layernorm: RMSNorm | None = None
+        self.mlp: nn.Module | None = None
+        if mlp != "-":
+            self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
+            self.mlp = SwiGLU(cfg.d_model, cfg.intermediate_size) if mlp == "d" else SparseMoE(cfg)  # type: ignore[arg-type]
 
     def forward(self, x: Tensor, ctx: PassContext, st: LayerState) -> tuple[Tensor, LayerState]:
         """x [B, T, d] -> x [B, T, d]; ``st`` holds this layer's state before the call, the result after it."""
@@ -294,4 +400,6 @@ class Block(nn.Module):
             y, ssm, conv = self.linear_attn(h, st.ssm, ctx.valid, st.conv)
             new = LayerState(ssm=ssm, conv=conv)
         x = x + y
+        if self.mlp is None or self.post_attention_layernorm is None:
+            return x, new
         return x + self.mlp(self.post_attention_layernorm(x)), new

@@ -25,6 +25,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from agentsleep.errors import InvalidInput, SnapshotCorrupt, SnapshotMismatch
+from agentsleep.model.fingerprint import accepted, accepts, mismatch
 
 FORMAT_NAME = "agentsleep.fastweights"
 FORMAT_VERSION = 1
@@ -106,9 +107,11 @@ class FastWeights:
         """Concatenate batches (all from the same model; retained K/V lengths must agree)."""
         if not states:
             raise InvalidInput("FastWeights.stack needs at least one state")
-        fps = {s.fingerprint for s in states}
-        if len(fps) > 1:
-            raise SnapshotMismatch(f"cannot batch states of different models: fingerprints {sorted(fps)}")
+        # One model: every tag is accepted by the most informed one (a model's `Fingerprint` knows its legacy aliases).
+        fp = max((s.fingerprint for s in states), key=lambda f: len(accepted(f)))
+        if any(not accepts(fp, s.fingerprint) for s in states):
+            fps = sorted({s.fingerprint for s in states})
+            raise SnapshotMismatch(f"cannot batch states of different models: fingerprints {fps}")
         first = states[0]
         ssm = [torch.cat([s.ssm[i] for s in states]) for i in range(len(first.ssm))]
         kv = [
@@ -117,7 +120,7 @@ class FastWeights:
         ]
         kv_valid = None if first.kv_valid is None else torch.cat([s.kv_valid for s in states])  # type: ignore[misc]
         batch = sum(s.batch_size for s in states)
-        return FastWeights(ssm=ssm, kv=kv, kv_valid=kv_valid, fingerprint=first.fingerprint, batch=batch)
+        return FastWeights(ssm=ssm, kv=kv, kv_valid=kv_valid, fingerprint=fp, batch=batch)
 
     def split(self) -> Iterator[FastWeights]:
         for b in range(self.batch_size):
@@ -164,7 +167,8 @@ class FastWeights:
 
         Args:
             data: the safetensors bytes.
-            fingerprint: if given, the model fingerprint the state must carry.
+            fingerprint: if given, the fingerprint of the model the state must belong to (`SleepHybrid.fingerprint`;
+                its legacy aliases are accepted too, and the state comes back tagged with ``fingerprint`` itself).
             shapes: if given, the per-tensor shapes the state must have (batch dimension included).
             device: where to put the tensors.
 
@@ -185,11 +189,8 @@ class FastWeights:
             raise SnapshotCorrupt("fast weights must be float32")
         if _tensor_digest(tensors) != meta["sha256"]:
             raise SnapshotCorrupt("fast-weight checksum mismatch: the tensor bytes were altered or damaged")
-        if fingerprint is not None and meta["fingerprint"] != fingerprint:
-            raise SnapshotMismatch(
-                f"snapshot was made by model {meta['fingerprint']!r}, not by this model {fingerprint!r}; "
-                "load it with the checkpoint that produced it"
-            )
+        if fingerprint is not None and not accepts(fingerprint, meta["fingerprint"]):
+            raise mismatch(fingerprint, meta["fingerprint"], "snapshot")
         if shapes is not None and shapes != actual:
             raise SnapshotMismatch(f"snapshot shapes {actual} do not fit this model, which expects {shapes}")
         n_ssm, n_kv = int(meta["n_ssm"]), int(meta["n_kv"])
@@ -200,7 +201,7 @@ class FastWeights:
         except KeyError as e:
             raise SnapshotCorrupt(f"snapshot lacks tensor {e}") from e
         batch = int(meta.get("batch", 0)) or None
-        return cls(ssm=ssm, kv=kv, kv_valid=kv_valid, fingerprint=meta["fingerprint"], batch=batch)
+        return cls(ssm=ssm, kv=kv, kv_valid=kv_valid, fingerprint=fingerprint or meta["fingerprint"], batch=batch)
 
 
 def read_header(data: bytes) -> dict[str, str]:

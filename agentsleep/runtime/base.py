@@ -322,7 +322,7 @@ class EngineBase(Generic[LiveT, StreamT]):
         """A live agent from a memory: check it, then open a window on its state with its tokens in it."""
         if not isinstance(memory, AgentMemory):
             raise InvalidInput(f"memory must be an AgentMemory, got {type(memory).__name__}")
-        self.model.check_state(memory.state, batch=1)
+        state = self.model.adopt_state(memory.state, batch=1)  # a legacy-tagged state is re-tagged as current
         window = check_token_ids(memory.window, self.vocab_size, what="memory.window", allow_empty=True)
         L = self.window
         if len(window) > L + 1:
@@ -330,7 +330,7 @@ class EngineBase(Generic[LiveT, StreamT]):
                 f"memory.window holds {len(window)} tokens but a window holds L={L} (+1 waiting): it is not a "
                 "memory of this model's windows"
             )
-        live = self._restore(agent_id, memory.state, window)
+        live = self._restore(agent_id, state, window)
         live.sleep_count = memory.sleep_count
         live.tokens_consolidated = memory.tokens_consolidated
         live.tokens_seen = max(memory.tokens_seen, memory.tokens_consolidated + len(window))

@@ -1,36 +1,70 @@
-"""Text <-> token ids through a checkpoint's ``tokenizer.json``, with the input checks a turn needs."""
+"""Text <-> token ids through a checkpoint's ``tokenizer.json``, with the input checks a turn needs, and its chat
+template (`agentsleep.runtime.chat`) for conversations."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 
 from agentsleep.errors import InvalidInput
+from agentsleep.runtime.chat import GENERATION_CONFIG_FILE, ChatFormat, as_chat_messages
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
 
 
+def generation_eos_ids(path: Path) -> list[int]:
+    """``eos_token_id`` (an int or a list) of a checkpoint's ``generation_config.json``; empty if absent."""
+    f = path / GENERATION_CONFIG_FILE
+    try:
+        eos = json.loads(f.read_text()).get("eos_token_id") if f.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        logger.warning("%s is not valid JSON; ignoring its stop tokens", f)
+        return []
+    eos = [eos] if isinstance(eos, int) else eos
+    return [int(t) for t in eos or [] if isinstance(t, int)]
+
+
 class TextCodec:
-    """Encodes turns to ids and ids back to text with a `tokenizers.Tokenizer`.
+    """Encodes turns to ids and ids back to text with a `tokenizers.Tokenizer`; with the checkpoint's chat template
+    (`ChatFormat`, if it ships one) it also turns a conversation into the prompt ids the model was trained on.
 
     No special tokens are added on encode: the model prepends its own BOS once per window, not once per turn.
+
+    Args:
+        tokenizer: the checkpoint's tokenizer.
+        chat: its chat template, if any.
+        stop_token_ids: ids that end a reply (``generation_config.json``'s ``eos_token_id`` and the template's EOS).
     """
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
+    def __init__(
+        self, tokenizer: tokenizers.Tokenizer, chat: ChatFormat | None = None, stop_token_ids: Sequence[int] = ()
+    ) -> None:
         self.tokenizer = tokenizer
+        self.chat = chat
+        ids = list(stop_token_ids)
+        for tok in chat.stop_tokens if chat is not None else ():
+            tid = tokenizer.token_to_id(tok)
+            if tid is not None:
+                ids.append(tid)
+        self.stop_token_ids: tuple[int, ...] = tuple(dict.fromkeys(ids))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> TextCodec:
-        """Load ``tokenizer.json`` (or the one inside a checkpoint directory).
+        """Load ``tokenizer.json`` (or the one inside a checkpoint directory), with the chat template and the stop
+        tokens the directory holding it ships (``chat_template.jinja`` / ``tokenizer_config.json``,
+        ``generation_config.json``).
 
         Raises:
             InvalidInput: no such file, or it cannot be parsed.
+            CheckpointError: a chat template or config file next to it is malformed.
         """
         p = Path(path)
         if p.is_dir():
@@ -38,9 +72,33 @@ class TextCodec:
         if not p.is_file():
             raise InvalidInput(f"no tokenizer at {p}; pass a tokenizer.json or a checkpoint directory holding one")
         try:
-            return cls(tokenizers.Tokenizer.from_file(str(p)))
+            tok = tokenizers.Tokenizer.from_file(str(p))
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             raise InvalidInput(f"cannot load tokenizer {p}: {e}") from e
+        return cls(tok, ChatFormat.from_pretrained(p.parent), generation_eos_ids(p.parent))
+
+    def chat_prompt(
+        self,
+        messages: Sequence[Any],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
+    ) -> list[int]:
+        """Prompt ids of a conversation rendered with the checkpoint's chat template (tools in the prompt, if the
+        template defines them): ``apply_chat_template(..., tokenize=True)`` of transformers.
+
+        ``messages``: dicts (``role``, ``content`` …) or message objects (see `as_chat_messages`).
+
+        Raises:
+            InvalidInput: the checkpoint ships no chat template, or the template refused the conversation.
+        """
+        if self.chat is None:
+            raise InvalidInput("this tokenizer's checkpoint ships no chat template; encode plain text instead")
+        text = self.chat.render(
+            as_chat_messages(messages), tools=tools, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     @property
     def vocab_size(self) -> int:
@@ -81,4 +139,4 @@ class TextCodec:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-__all__ = ["TOKENIZER_FILE", "TextCodec"]
+__all__ = ["TOKENIZER_FILE", "TextCodec", "generation_eos_ids"]

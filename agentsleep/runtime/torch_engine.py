@@ -31,6 +31,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 import torch
@@ -123,10 +124,17 @@ class TorchEngine(EngineBase[_Live, _Stream]):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike[str], *, passes: int | None = None, device: torch.device | str = "cpu"
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        passes: int | None = None,
+        device: torch.device | str = "cpu",
+        **model_kwargs: Any,
     ) -> TorchEngine:
-        """Load a checkpoint directory (``config.json``, ``model.safetensors``, and ``tokenizer.json`` if present)."""
-        model = SleepHybrid.from_pretrained(path, device=device)
+        """Load a checkpoint directory (``config.json``, weights, and ``tokenizer.json`` with the chat template if
+        present): ours, or a Hugging Face one. ``model_kwargs`` go to `SleepHybrid.from_pretrained` (``dtype``,
+        overrides such as ``window=2048``, ``insert_memory=[...]``)."""
+        model = SleepHybrid.from_pretrained(path, device=device, **model_kwargs)
         tok = Path(path) / TOKENIZER_FILE
         return cls(model, passes=passes, tokenizer=tok if tok.is_file() else None)
 

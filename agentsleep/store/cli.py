@@ -17,6 +17,7 @@ import click
 
 from agentsleep.errors import (
     AgentSleepError,
+    CheckpointError,
     InvalidInput,
     SnapshotCorrupt,
     SnapshotMismatch,
@@ -24,6 +25,8 @@ from agentsleep.errors import (
     UnknownAgent,
     UnknownSnapshot,
 )
+from agentsleep.model.fingerprint import checkpoint_fingerprint
+from agentsleep.store.engine import one_line
 from agentsleep.store.records import SnapshotRecord
 from agentsleep.store.store import DEFAULT_URL, SnapshotStore
 
@@ -53,17 +56,21 @@ def _errors(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except AgentSleepError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {one_line(e)}", err=True)
             sys.exit(_exit_code(e))
+        except OSError as e:  # a file we were asked to read or write (export -o, import FILE)
+            click.echo(f"error: {one_line(e)}", err=True)
+            sys.exit(EXIT_USAGE)
 
     return wrapper
 
 
-def _store(ctx: click.Context) -> SnapshotStore:
-    """Open the store on first use, so `--help` never touches a database."""
+def _store(ctx: click.Context, *, create: bool = False) -> SnapshotStore:
+    """Open the store on first use, so `--help` never touches a database. Only ``import`` may create a store: a
+    mistyped URL must not leave an empty database (or directory) behind a ``list``."""
     obj: dict[str, Any] = ctx.ensure_object(dict)
     if "store" not in obj:
-        obj["store"] = ctx.with_resource(SnapshotStore(obj["url"], blob_dir=obj["blob_dir"]))
+        obj["store"] = ctx.with_resource(SnapshotStore(obj["url"], blob_dir=obj["blob_dir"], create=create))
     return obj["store"]
 
 
@@ -192,7 +199,7 @@ def export_(ctx: click.Context, snapshot_id: str, output: str) -> None:
 def import_(ctx: click.Context, file: str, agent_id: str | None) -> None:
     """Import an exported snapshot as the newest snapshot of an agent; prints the new snapshot id."""
     data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
-    rec = _store(ctx).import_snapshot(data, agent_id=agent_id)
+    rec = _store(ctx, create=True).import_snapshot(data, agent_id=agent_id)
     click.echo(rec.id)
     click.echo(f"imported as agent {rec.agent_id!r} seq {rec.seq}", err=True)
 
@@ -239,6 +246,64 @@ def delete_agent(ctx: click.Context, agent_id: str, yes: bool) -> None:
         click.confirm(f"delete agent {agent_id!r} and all its snapshots?", abort=True)
     n = _store(ctx).delete_agent(agent_id)
     click.echo(f"deleted agent {agent_id!r} and {n} snapshots")
+
+
+@snapshots.command()
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Checkpoint directory of a model whose agents to move to the current fingerprint rule (repeatable).",
+)
+@click.option("--dry-run", is_flag=True, help="Verify and list what would change; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON record per agent instead of lines.")
+@click.option("--url", default=None, help="Store database URL (overrides `agentsleep snapshots --url`).")
+@click.pass_context
+@_errors
+def migrate(ctx: click.Context, checkpoints: tuple[str, ...], dry_run: bool, as_json: bool, url: str | None) -> None:
+    """Re-tag the agents of each CHECKPOINT's model that carry a legacy fingerprint (a "migrate" snapshot per agent).
+
+    Agents of other models are left alone. Safe to rerun: migrated agents are current. Exit code 4 if an agent could
+    not be migrated (e.g. its current snapshot is corrupt: it is listed, the others are migrated), 2 for a broken
+    checkpoint.
+    """
+    from agentsleep.store.migrate import migrate_agents
+
+    if url is not None:
+        ctx.ensure_object(dict)["url"] = url
+    try:
+        models = [checkpoint_fingerprint(c) for c in checkpoints]
+    except CheckpointError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    results = migrate_agents(_store(ctx), models, dry_run=dry_run)
+    if as_json:
+        click.echo(_json([r.to_dict() for r in results]))
+    else:
+        _print_migrations(results)
+    counts = {a: sum(r.action == a for r in results) for a in ("migrated", "would-migrate", "current", "other-model")}
+    click.echo(
+        f"{counts['would-migrate'] if dry_run else counts['migrated']} agents {'would be ' if dry_run else ''}"
+        f"migrated, {counts['current']} already current, {counts['other-model']} of other models",
+        err=True,
+    )
+    if any(r.action == "failed" for r in results):
+        sys.exit(EXIT_BAD_SNAPSHOT)
+
+
+def _print_migrations(results: Sequence[Any]) -> None:
+    for r in results:
+        if r.action in ("migrated", "would-migrate"):
+            verb = "migrated" if r.action == "migrated" else "would migrate"
+            new = f" as snapshot {r.snapshot_id}" if r.snapshot_id else ""
+            click.echo(f"{verb} agent {r.agent_id!r}: {r.fingerprint} -> {r.new_fingerprint} (from snapshot "
+                       f"{r.from_snapshot}{new})")  # fmt: skip
+        elif r.action == "failed":
+            click.echo(f"failed agent {r.agent_id!r}: {r.error}")
+        elif r.action == "no-snapshot":
+            click.echo(f"skipped agent {r.agent_id!r}: no current snapshot (its next save takes {r.new_fingerprint})")
 
 
 __all__ = ["snapshots"]

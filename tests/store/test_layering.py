@@ -11,7 +11,7 @@ import agentsleep.store
 from .helpers import loaded_higher_layers
 
 STORE_DIR = Path(agentsleep.store.__file__).parent
-ALLOWED = {"agentsleep.errors", "agentsleep.ids", "agentsleep.model.state"}
+ALLOWED = {"agentsleep.errors", "agentsleep.ids", "agentsleep.model.fingerprint", "agentsleep.model.state"}
 
 
 def test_public_api_is_pinned() -> None:
@@ -23,7 +23,7 @@ def test_public_api_is_pinned() -> None:
             "AgentRecord",
             "Base",
             "LoadedSnapshot",
-            "SleepJob",
+            "MAX_WINDOW_TOKENS",
             "SleepJobRecord",
             "Snapshot",
             "SnapshotRecord",

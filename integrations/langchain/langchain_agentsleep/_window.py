@@ -46,6 +46,7 @@ class AgentSlot:
     lock: threading.RLock = field(default_factory=threading.RLock)  # serialises whole chat-model calls per agent
     ledger: WindowLedger | None = None  # None: unknown (fresh process, failed call): the next call resyncs
     head_tokens: int = 0  # system-prompt tokens last seen, for fit estimates before the next call
+    head_ids: tuple[int, ...] | None = None  # those tokens (None: unknown), to rebuild a window without a call
 
 
 _LOCK = threading.Lock()

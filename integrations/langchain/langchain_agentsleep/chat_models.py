@@ -34,7 +34,7 @@ import tokenizers
 from agentsleep.errors import ConfigError, WindowOverflow
 from agentsleep.runtime.engine import AgentMemory, Engine, SamplingParams
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
@@ -47,12 +47,25 @@ from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, model_vali
 
 from langchain_agentsleep import _window
 from langchain_agentsleep.chat_template import METADATA_KEY, ChatCodec, ChatTemplate, content_digest, load_tokenizer
+from langchain_agentsleep.errors import MessageTooLong
 
 logger = logging.getLogger(__name__)
 
 _DEFAULT_MAX_TOKENS = 32
 _EPHEMERAL_PREFIX = "ephemeral-"  # agents made for a call without an agent id, removed after it
-_IGNORED_KWARGS = ("snapshot_id", "tools", "tool_choice", "ls_structured_output_format", "stream")
+_IGNORED_KWARGS = ("snapshot_id", "tools", "ls_structured_output_format", "stream", "model")
+_HONEST_TOOL_CHOICES = (None, "auto", "none")  # the hybrid never calls a tool, which both of these allow
+LLM_TYPE = "chat-agentsleep"
+PROVIDER = "agentsleep"
+NO_TOOL_CALLS = (
+    "the sleep hybrid cannot call tools yet (its chat template has no tool-call format); tool_choice={!r} would "
+    "force a tool call it cannot make. Leave tool_choice unset (tools are accepted and never called) or use another "
+    "model for tool calling"
+)
+NO_STRUCTURED_OUTPUT = (
+    "ChatSleepHybrid has no structured output: the hybrid cannot call tools or follow a JSON schema yet. Parse its "
+    "text reply yourself, or use another model for the structured step"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +85,10 @@ class _Reply:
     sleep_count: int
     fingerprint: str
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self, model_name: str) -> dict[str, Any]:
         return {
-            "model_name": "agentsleep-hybrid",
+            "model_name": model_name,
+            "model_provider": PROVIDER,
             "finish_reason": self.finish_reason,
             METADATA_KEY: {
                 "agent_id": self.agent_id,
@@ -104,31 +118,51 @@ class ChatSleepHybrid(BaseChatModel):
 
             from langchain_agentsleep import ChatSleepHybrid
 
-            model = ChatSleepHybrid.from_pretrained("checkpoints/gsm-qlast-n2", max_tokens=64)
-            model.invoke("hello")  # a throw-away agent: zero S + this message
-            model.invoke("hello", agent_id="alice")  # agent "alice": its S + its window + this message
+            model = ChatSleepHybrid(model="checkpoints/gsm-qlast-n2", max_tokens=4)  # an embedded TorchEngine
+            model.invoke("V042 = 5 ; Q V042 ; A")  # a throw-away agent: zero S + this message
+            model.invoke("V042 = 5 ;", agent_id="alice")  # agent "alice": its S + its window + this message
+
+    ``model`` is the checkpoint directory (it also names the model in traces: ``model_name``, ``ls_model_name``);
+    ``engine=`` takes an engine you built instead (a `TorchEngine` with other settings, or vLLM's `VLLMEngine`).
+    Unknown keyword arguments are refused (`ConfigError`), as are ``tool_choice`` values that force a tool call and
+    ``with_structured_output`` (`NotImplementedError`): the hybrid cannot call tools yet.
 
     The agent comes from the call's ``agent_id`` keyword (`SleepMemory` binds it per thread through
     ``model_settings``), else from the ``agent_id`` field; with neither, the call runs on a throw-away agent (zero
     fast weights) that is removed afterwards. Calls on one agent are serialised.
 
     Decoding is greedy unless ``temperature > 0``. ``stop`` strings cut the reply (the window is rolled back to the
-    cut); a single-token end-of-message suffix of the chat template stops generation. The model cannot call tools:
-    ``bind_tools`` accepts them (so `create_agent` works with tools) but they are not shown to the model.
+    cut); a single-token end-of-message suffix of the chat template stops generation. A message that cannot fit the
+    window even alone raises `MessageTooLong` (with its token count) before anything runs.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True)
 
-    engine: Any = Field(exclude=True, description="the agentsleep Engine (TorchEngine, VLLMEngine, ...)")
+    engine: Any = Field(
+        default=None, exclude=True, description="the agentsleep Engine (TorchEngine, VLLMEngine, ...); default: built "
+        "from ``model``"
+    )  # fmt: skip
+    model_name: str | None = Field(
+        default=None,
+        alias="model",
+        description="the checkpoint directory; without ``engine`` an embedded TorchEngine is loaded from it. Default "
+        "(engine given): the engine's checkpoint path, else agentsleep-hybrid-<fingerprint>",
+    )
     agent_id: str | None = Field(default=None, description="default agent; a call's agent_id keyword wins")
     max_tokens: int = Field(default=_DEFAULT_MAX_TOKENS, ge=1, description="reply tokens at most (capped to the room)")
     temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy")
     top_k: int | None = Field(default=None, ge=1)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, description="seed of each call's sampler (temperature > 0)")
-    chat_template: ChatTemplate | None = Field(default=None, description="default: the tokenizer's built-in one")
+    stop: list[str] | None = Field(default=None, description="default stop strings (a call's stop wins)")
+    timeout: float | None = Field(
+        default=None, gt=0, description="LangChain's standard parameter; the embedded engine makes no network call"
+    )
+    max_retries: int = Field(
+        default=0, ge=0, description="LangChain's standard parameter; the embedded engine makes no network call"
+    )
+    chat_template: ChatTemplate | None = Field(default=None, description="default: the checkpoint's or the tokenizer's")
     tokenizer: Any = Field(default=None, exclude=True, description="tokenizers.Tokenizer or a tokenizer.json path")
-    model_name: str = Field(default="agentsleep-hybrid")
     streaming: bool = False
     cache: Any = False  # replies depend on the agent's memory, never on the prompt alone: never cache them
 
@@ -138,7 +172,35 @@ class ChatSleepHybrid(BaseChatModel):
         try:
             super().__init__(**data)
         except ValidationError as e:  # one error type for users, as everywhere in agentsleep (still a ValueError)
-            raise ConfigError(f"invalid ChatSleepHybrid settings: {e}") from e
+            raise ConfigError(f"invalid ChatSleepHybrid settings: {_validation_summary(e)}") from e
+
+    @model_validator(mode="before")
+    @classmethod
+    def _load_checkpoint(cls, data: Any) -> Any:
+        """``model="path/to/checkpoint"`` without an engine: an embedded `TorchEngine` on that checkpoint."""
+        if not isinstance(data, dict) or data.get("engine") is not None:
+            return data
+        path = data.get("model", data.get("model_name"))
+        if path is None:
+            raise ConfigError(
+                "ChatSleepHybrid needs a checkpoint: ChatSleepHybrid(model='path/to/checkpoint') (an embedded "
+                "TorchEngine), or engine=... (a TorchEngine or VLLMEngine you built)"
+            )
+        if not isinstance(path, str | os.PathLike) or not Path(path).is_dir():
+            raise ConfigError(
+                f"model={path!r} is not a checkpoint directory (config.json, model.safetensors, tokenizer.json); "
+                "pass the directory, or engine=... for an engine you built"
+            )
+        from agentsleep.runtime.torch_engine import TorchEngine
+
+        data = {**data, "engine": TorchEngine.from_pretrained(path)}
+        data.pop("model_name", None)
+        data["model"] = os.fspath(path)
+        if data.get("tokenizer") is None:
+            data["tokenizer"] = load_tokenizer(path)
+        if data.get("chat_template") is None:
+            data["chat_template"] = ChatTemplate.from_pretrained(Path(path), data["tokenizer"])
+        return data
 
     @model_validator(mode="after")
     def _bind(self) -> Self:
@@ -147,6 +209,10 @@ class ChatSleepHybrid(BaseChatModel):
         tok = _find_tokenizer(self.engine, self.tokenizer)
         template = self.chat_template or _engine_template(self.engine, tok)
         self._codec = ChatCodec(tok, template, fingerprint=self.engine.fingerprint)
+        if self.model_name is None:
+            path = getattr(self.engine, "path", None)
+            named = isinstance(path, str | os.PathLike)
+            self.model_name = os.fspath(path) if named else f"agentsleep-hybrid-{self.engine.fingerprint[:12]}"
         return self
 
     @classmethod
@@ -160,6 +226,8 @@ class ChatSleepHybrid(BaseChatModel):
     ) -> ChatSleepHybrid:
         """An embedded `TorchEngine` on a checkpoint directory, with the checkpoint's tokenizer and chat template.
 
+        ``ChatSleepHybrid(model=path)`` is the same with the checkpoint's own N and the CPU.
+
         Args:
             path: the checkpoint (``config.json``, ``model.safetensors``, ``tokenizer.json``).
             passes: default N for sleeps (default: the checkpoint's).
@@ -171,13 +239,26 @@ class ChatSleepHybrid(BaseChatModel):
         engine = TorchEngine.from_pretrained(path, passes=passes, device=device)
         tok = load_tokenizer(path)
         kwargs.setdefault("chat_template", ChatTemplate.from_pretrained(Path(path), tok))
+        kwargs.setdefault("model", os.fspath(path))
         return cls(engine=engine, tokenizer=tok, **kwargs)
 
     # ------------------------------------------------------------------ LangChain surface
 
     @property
     def _llm_type(self) -> str:
-        return "agentsleep-hybrid"
+        return LLM_TYPE
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider=PROVIDER,
+            ls_model_name=str(kwargs.get("model") or self.model_name),
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+        )
+        if stop or self.stop:
+            params["ls_stop"] = list(stop or self.stop or [])
+        return params
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -230,11 +311,19 @@ class ChatSleepHybrid(BaseChatModel):
 
         ``profile["tool_calling"]`` is False and the tools are not rendered into the window. Other keyword arguments
         (``agent_id``...) are bound like ``bind``'s.
+
+        Raises:
+            NotImplementedError: ``tool_choice`` asks for a tool call (``"any"``, ``"required"``, a tool's name).
         """
+        _check_tool_choice(tool_choice)
         formatted = [convert_to_openai_tool(t) for t in tools]
         if tool_choice is not None:
             kwargs["tool_choice"] = tool_choice
         return self.bind(tools=formatted, **kwargs)
+
+    def with_structured_output(self, schema: Any, *, include_raw: bool = False, **kwargs: Any) -> Any:
+        """Not supported: always raises `NotImplementedError` (the hybrid cannot call tools or follow a schema yet)."""
+        raise NotImplementedError(NO_STRUCTURED_OUTPUT)
 
     def _generate(
         self,
@@ -247,7 +336,7 @@ class ChatSleepHybrid(BaseChatModel):
         message = AIMessage(
             content=reply.text,
             id=reply.message_id,
-            response_metadata=reply.metadata(),
+            response_metadata=reply.metadata(str(self.model_name)),
             usage_metadata=reply.usage(),
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
@@ -279,7 +368,7 @@ class ChatSleepHybrid(BaseChatModel):
             message=AIMessageChunk(
                 content="",
                 id=reply.message_id,
-                response_metadata=reply.metadata(),
+                response_metadata=reply.metadata(str(self.model_name)),
                 usage_metadata=reply.usage(),
                 chunk_position="last",
             )
@@ -315,6 +404,9 @@ class ChatSleepHybrid(BaseChatModel):
         """Sync the agent's window with ``messages``, generate, and leave the window canonical (module docstring)."""
         kwargs = dict(kwargs)
         agent_id = kwargs.pop("agent_id", None) or self.agent_id
+        _check_tool_choice(kwargs.pop("tool_choice", None))
+        if stop is None:
+            stop = self.stop
         for key in _IGNORED_KWARGS:
             kwargs.pop(key, None)
         codec, engine = self._codec, self.engine
@@ -322,6 +414,7 @@ class ChatSleepHybrid(BaseChatModel):
         L = int(engine.window)
         room = L - len(prompt) - len(codec.end_ids)
         if room < 1:
+            check_message_lengths(codec, L, messages)
             raise WindowOverflow(
                 f"the prompt takes {len(prompt)} tokens (+{len(codec.end_ids)} to close the reply) but the window "
                 f"holds {L}: no room for a reply. Send fewer messages since the last sleep (SleepMemory sleeps "
@@ -343,6 +436,7 @@ class ChatSleepHybrid(BaseChatModel):
         with slot.lock:
             slot.ledger = None  # unknown until this call has left the window canonical
             slot.head_tokens = head
+            slot.head_ids = tuple(prompt[:head])
             try:
                 if not engine.has_agent(agent):
                     engine.create_agent(agent)
@@ -418,6 +512,49 @@ class ChatSleepHybrid(BaseChatModel):
             yield text[done:]
 
 
+def _check_tool_choice(tool_choice: Any) -> None:
+    if tool_choice not in _HONEST_TOOL_CHOICES:
+        raise NotImplementedError(NO_TOOL_CALLS.format(tool_choice))
+
+
+def message_limit(codec: ChatCodec, window: int, system: Sequence[BaseMessage] = ()) -> int:
+    """The most tokens one message may have: the window less the system prompt, the reply prefix and end, one token."""
+    return window - codec.count(system) - len(codec.generation_prefix) - len(codec.end_ids) - 1
+
+
+def check_message_lengths(codec: ChatCodec, window: int, messages: Sequence[BaseMessage]) -> None:
+    """Raise `MessageTooLong` for the first message that cannot fit the window even alone (beside the system prompt).
+
+    Raises:
+        MessageTooLong: with the message's token count and the limit.
+    """
+    system = [m for m in messages[:1] if m.type == "system"]
+    limit = message_limit(codec, window, system)
+    for m in messages[len(system) :]:
+        n = len(codec.message_ids(m))
+        if n > limit:
+            raise MessageTooLong(
+                f"a {m.type} message of {n} tokens cannot fit the model's window: at most {limit} tokens fit beside "
+                f"the system prompt and a reply (L={window}). Split it into several messages that each fit (the "
+                "model folds earlier ones into its fast weights by sleeping), or summarise it first",
+                tokens=n,
+                limit=limit,
+                message_id=m.id,
+            )
+
+
+def _validation_summary(e: ValidationError) -> str:
+    """Pydantic's errors in one line each, naming the field (unknown ones: 'extra inputs are not permitted')."""
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err.get("loc", ())) or "settings"
+        msg = str(err.get("msg", ""))
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown argument (see ChatSleepHybrid's fields; provider options of other models do not apply)"
+        parts.append(f"{where}: {msg.removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
 def _new_message_id() -> str:
     # The same shape LangChain gives replies (lc_run--<uuid>); set here so the window's ledger knows it.
     return f"{LC_ID_PREFIX}-{uuid.uuid4()}"
@@ -456,13 +593,16 @@ def _engine_template(engine: Any, tokenizer: tokenizers.Tokenizer) -> ChatTempla
     return ChatTemplate.default_for(tokenizer)
 
 
-def sync_window(engine: Any, codec: ChatCodec, agent_id: str, messages: Sequence[BaseMessage]) -> int:
-    """Make the agent's window hold exactly ``render(messages)`` on top of S, and record it in the ledger.
+def sync_window(
+    engine: Any, codec: ChatCodec, agent_id: str, messages: Sequence[BaseMessage], *, head: Sequence[int] = ()
+) -> int:
+    """Make the agent's window hold exactly ``head + render(messages)`` on top of S, and record it in the ledger.
 
-    Observes only what is missing when the window is a prefix of the rendering, else rebuilds the window from S.
-    The rendering must fit the window (the caller checks). Returns the window's length.
+    ``head``: token ids of a system prompt that is not among ``messages`` (a resumed run knows it only from the
+    snapshot). Observes only what is missing when the window is a prefix of the rendering, else rebuilds the window
+    from S. The rendering must fit the window (the caller checks). Returns the window's length.
     """
-    target = [t for part in codec.render(messages) for t in part]
+    target = [*head, *(t for part in codec.render(messages) for t in part)]
     if len(target) > int(engine.window):
         raise WindowOverflow(f"{len(target)} tokens do not fit the window of {engine.window}")
     slot = _window.slot(engine, agent_id)
@@ -476,13 +616,14 @@ def sync_window(engine: Any, codec: ChatCodec, agent_id: str, messages: Sequence
             window = []
         if len(target) > len(window):
             engine.observe(agent_id, target[len(window) :])
-        head = 0
+        n_head = len(head)
         for m in messages:
             if m.id:
                 break
-            head += len(codec.message_ids(m))
-        slot.ledger = _window.WindowLedger(tuple(m.id for m in messages if m.id), len(target), head)
-        slot.head_tokens = head
+            n_head += len(codec.message_ids(m))
+        slot.ledger = _window.WindowLedger(tuple(m.id for m in messages if m.id), len(target), n_head)
+        slot.head_tokens = n_head
+        slot.head_ids = tuple(target[:n_head])
         return len(target)
 
 
@@ -517,4 +658,4 @@ def _stop_cut(codec: ChatCodec, body: list[int], text: str, stop: list[str] | No
     return body, text[:at]
 
 
-__all__ = ["ChatSleepHybrid", "sync_window"]
+__all__ = ["ChatSleepHybrid", "check_message_lengths", "message_limit", "sync_window"]

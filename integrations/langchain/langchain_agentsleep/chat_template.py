@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agentsleep.errors import CheckpointError, ConfigError, InvalidInput
+from agentsleep.model.fingerprint import accepted
 from agentsleep.runtime.text import TOKENIZER_FILE, TextCodec  # noqa: F401  (TOKENIZER_FILE: kept as this module's name)
 from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, convert_to_messages
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -213,7 +214,7 @@ class ChatCodec:
             if (
                 isinstance(meta, dict)
                 and isinstance(meta.get("token_ids"), list)
-                and meta.get("fingerprint") == self.fingerprint
+                and meta.get("fingerprint") in (accepted(self.fingerprint) if self.fingerprint else (None,))
                 and meta.get("digest") == content_digest(message.text)
                 and not message.tool_calls
             ):

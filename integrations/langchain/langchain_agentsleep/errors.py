@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agentsleep.errors import InvalidInput
+from agentsleep.errors import InvalidInput, WindowOverflow
 
 
 class MissingAgentKey(InvalidInput):
@@ -13,4 +13,24 @@ class MissingAgentKey(InvalidInput):
     """
 
 
-__all__ = ["MissingAgentKey"]
+class MessageTooLong(WindowOverflow, InvalidInput):
+    """One message is longer than the model's attention window can ever hold, so it can never be shown to the model.
+
+    Raised before the model runs; `SleepMemory` also takes the message out of the graph state, so the thread goes on
+    as if it had not been sent. Split the input into several messages that each fit (the model folds earlier ones
+    into its fast weights by sleeping), or summarise it first.
+
+    Attributes:
+        tokens: the message's tokens with the model's tokenizer and chat template.
+        limit: the most tokens one message may have beside the system prompt and the shortest reply.
+        message_id: the message's id, if it has one.
+    """
+
+    def __init__(self, message: str, *, tokens: int, limit: int, message_id: str | None = None) -> None:
+        super().__init__(message)
+        self.tokens = tokens
+        self.limit = limit
+        self.message_id = message_id
+
+
+__all__ = ["MessageTooLong", "MissingAgentKey"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -40,16 +41,19 @@ from typing import Annotated, Any, Literal, NotRequired
 from agentsleep.errors import (
     ConfigError,
     SleepFailed,
+    SnapshotConflict,
     SnapshotMismatch,
     StoreError,
     UnknownAgent,
     UnknownSnapshot,
 )
+from agentsleep.ids import check_agent_id
 from agentsleep.memory.policy import SleepPolicy
 from agentsleep.memory.scheduler import SleepOutcome, SleepRecord, SleepRequest, SleepScheduler
 from agentsleep.runtime.engine import AgentMemory, AgentSession, Engine, SleepCommit
 from agentsleep.runtime.revive import memory_from_snapshot, save_memory
 from agentsleep.store import SnapshotStore
+from agentsleep.store.store import DEFAULT_URL
 from langchain.agents.middleware.types import (
     AgentMiddleware,
     AgentState,
@@ -65,14 +69,32 @@ from langgraph.runtime import Runtime
 from langgraph.types import Command
 
 from langchain_agentsleep import _window
-from langchain_agentsleep.chat_models import ChatSleepHybrid, _engine_template, _find_tokenizer, sync_window
+from langchain_agentsleep.chat_models import (
+    ChatSleepHybrid,
+    _engine_template,
+    _find_tokenizer,
+    check_message_lengths,
+    sync_window,
+)
 from langchain_agentsleep.chat_template import ChatCodec
-from langchain_agentsleep.errors import MissingAgentKey
+from langchain_agentsleep.errors import MessageTooLong, MissingAgentKey
 from langchain_agentsleep.tokens import tiktoken_counter
 
 logger = logging.getLogger(__name__)
 
 OnError = Literal["passthrough", "raise"]
+OtherModels = Literal["raise", "passthrough"]
+STORE_URL_ENV = "AGENTSLEEP_STORE_URL"
+
+
+class _EnvStore:
+    """The default ``store``: ``$AGENTSLEEP_STORE_URL``, else the default SQLite file (``sqlite:///agentsleep.db``)."""
+
+    def __repr__(self) -> str:
+        return f"${STORE_URL_ENV} or {DEFAULT_URL!r}"
+
+
+ENV_STORE = _EnvStore()
 AgentKey = Callable[[Runtime[Any]], "str | None"]
 
 _DEFAULT_RESERVE_TOKENS = 32  # room kept for a reply when the chat model's max_tokens is not known yet
@@ -122,6 +144,7 @@ class _Book:
     sync_wanted: bool = False  # this turn asked for a synchronous sleep: it may commit during the turn
     committed: _Commit | None = None
     degraded: bool = False  # this turn runs on a throw-away agent (revival failed)
+    refused: MessageTooLong | None = None  # before_agent took an over-long message out; before_model raises this
     last_status: str | None = None
     unreported_failure: SleepRecord | None = None  # for on_error="raise"
 
@@ -132,20 +155,24 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
     Example:
         .. code-block:: python
 
+            import sqlite3
+
             from langchain.agents import create_agent
             from langgraph.checkpoint.sqlite import SqliteSaver
             from langchain_agentsleep import ChatSleepHybrid, SleepMemory
 
-            model = ChatSleepHybrid.from_pretrained("checkpoints/gsm-qlast-n2")
-            memory = SleepMemory(model, store="sqlite:///agents.db")
-            agent = create_agent(model, middleware=[memory], checkpointer=SqliteSaver.from_conn_string("graph.db"))
-            agent.invoke({"messages": [("user", "hi")]}, {"configurable": {"thread_id": "alice"}})
+            model = ChatSleepHybrid(model="checkpoints/gsm-qlast-n2", max_tokens=4)
+            memory = SleepMemory(store="sqlite:///agents.db")  # the engine is taken from the agent's model
+            graph = SqliteSaver(sqlite3.connect("graph.db", check_same_thread=False))
+            agent = create_agent(model, middleware=[memory], checkpointer=graph)
+            agent.invoke({"messages": [("user", "V042 = 5 ;")]}, {"configurable": {"thread_id": "alice"}})
 
     Args:
-        engine: the `ChatSleepHybrid` the agent uses (preferred: its engine, chat template and ``max_tokens`` are
-            taken from it), or its `Engine`.
+        engine: optional: the `ChatSleepHybrid` the agent uses (its engine, chat template and ``max_tokens`` are
+            taken from it), or its `Engine`. Default: the agent's model, at its first model call.
         store: where snapshots go: a `SnapshotStore` or its URL (``sqlite:///agents.db``, ``postgresql+psycopg://...``).
-            None keeps agents in this process only.
+            Default: ``$AGENTSLEEP_STORE_URL``, else ``sqlite:///agentsleep.db`` (a file in the working directory).
+            None keeps agents in this process only (nothing survives a restart).
         policy: when and how hard to sleep (default: the engine's L and N, other fields default). ``policy.window``
             may be below L to sleep earlier. ``debounce_seconds`` delays a background sleep after a turn.
         agent_id: use this agent for every thread (default: the LangGraph ``thread_id``).
@@ -156,19 +183,23 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
             LangGraph checkpoint stays bounded. With False they stay (the model still never sees them).
         on_error: ``"passthrough"`` (default): a failed sleep or revival is logged and the run goes on;
             ``"raise"``: it propagates (tests).
+        other_models: what to do when the agent's model cannot sleep (not a `ChatSleepHybrid` on this memory's
+            engine, nor a served sleep model): ``"raise"`` (default, `ConfigError` at the first model call) or
+            ``"passthrough"`` (the call goes through unchanged, without memory; e.g. a fallback model).
         max_workers: background sleeps that may run at once across agents.
         scheduler: a ready `SleepScheduler` (its job must be this middleware's `sleep_job`); default: one is built.
 
     Failure policy: see the module docstring. In short, the last good state (S, snapshot) is never replaced by a
-    failed sleep, and no sleep error ever fails the agent run unless ``on_error="raise"``.
+    failed sleep, every save is a compare-and-set on the agent's current snapshot (a process whose copy of the agent
+    is stale never overwrites a newer one), and no sleep error ever fails the agent run unless ``on_error="raise"``.
     """
 
     state_schema = SleepState  # type: ignore[assignment]
 
     def __init__(
         self,
-        engine: Engine | ChatSleepHybrid,
-        store: SnapshotStore | str | None = None,
+        engine: Engine | ChatSleepHybrid | None = None,
+        store: SnapshotStore | str | _EnvStore | None = ENV_STORE,
         *,
         policy: SleepPolicy | None = None,
         agent_id: str | None = None,
@@ -176,41 +207,101 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
         reserve_tokens: int | None = None,
         prune_consolidated: bool = True,
         on_error: OnError = "passthrough",
+        other_models: OtherModels = "raise",
         max_workers: int = 1,
         scheduler: SleepScheduler | None = None,
     ) -> None:
         super().__init__()
-        self.model: ChatSleepHybrid | None = engine if isinstance(engine, ChatSleepHybrid) else None
-        eng = engine.engine if isinstance(engine, ChatSleepHybrid) else engine
-        if not isinstance(eng, Engine):
-            raise ConfigError(f"SleepMemory needs a ChatSleepHybrid or an agentsleep Engine, got {type(eng).__name__}")
         if on_error not in ("passthrough", "raise"):
             raise ConfigError(f"on_error must be 'passthrough' or 'raise', got {on_error!r}")
+        if other_models not in ("passthrough", "raise"):
+            raise ConfigError(f"other_models must be 'raise' or 'passthrough', got {other_models!r}")
         if reserve_tokens is not None and reserve_tokens < 1:
             raise ConfigError(f"reserve_tokens must be >= 1, got {reserve_tokens}")
-        self.engine: Engine = eng
+        if max_workers < 1:
+            raise ConfigError(f"max_workers must be >= 1, got {max_workers}")
+        if agent_id is not None:
+            check_agent_id(agent_id)
+        if isinstance(store, _EnvStore):
+            store = os.environ.get(STORE_URL_ENV) or DEFAULT_URL
         self.store: SnapshotStore | None = SnapshotStore(store) if isinstance(store, str) else store
-        self.policy = policy or SleepPolicy(window=eng.window, passes=eng.passes)
-        if self.policy.window > eng.window:
-            raise ConfigError(
-                f"policy.window={self.policy.window} exceeds the model's window L={eng.window}; use at most L"
-            )
+        if self.store is not None and not isinstance(self.store, SnapshotStore):
+            raise ConfigError(f"store must be a SnapshotStore, its URL or None, got {type(store).__name__}")
         self.agent_id = agent_id
         self.agent_key = agent_key
         self.reserve_tokens = reserve_tokens
         self.prune_consolidated = prune_consolidated
         self.on_error: OnError = on_error
-        self._codec: ChatCodec | None = self.model.codec if self.model is not None else _engine_codec(eng)
+        self.other_models: OtherModels = other_models
+        self.max_workers = max_workers
+        self.model: ChatSleepHybrid | None = None
+        self.engine: Engine | None = None
+        self.policy: SleepPolicy | None = policy
+        self.scheduler: SleepScheduler | None = scheduler
+        self._codec: ChatCodec | None = None
         self._books: dict[str, _Book] = {}
         self._books_lock = threading.Lock()
-        self._warned_model = False
-        self.scheduler = scheduler or SleepScheduler(
-            self.sleep_job,
-            self.policy,
-            max_workers=max_workers,
-            on_success=self._on_record,
-            on_failure=self._on_record,
-        )
+        self._bind_lock = threading.Lock()
+        if engine is not None:
+            if isinstance(engine, ChatSleepHybrid):
+                self._bind(engine.engine, engine)
+            elif isinstance(engine, Engine):
+                self._bind(engine, None)
+            else:
+                raise ConfigError(
+                    f"SleepMemory needs a ChatSleepHybrid, an agentsleep Engine or nothing (the agent's model is "
+                    f"used), got {type(engine).__name__}"
+                )
+
+    @property
+    def _eng(self) -> Engine:
+        return self._require_engine()
+
+    @property
+    def _policy(self) -> SleepPolicy:
+        if self.policy is None:
+            raise ConfigError("this SleepMemory is not bound to a model yet")
+        return self.policy
+
+    @property
+    def _sched(self) -> SleepScheduler:
+        if self.scheduler is None:
+            raise ConfigError("this SleepMemory is not bound to a model yet")
+        return self.scheduler
+
+    def _require_engine(self) -> Engine:
+        if self.engine is None:
+            raise ConfigError(
+                "this SleepMemory is not bound to a model yet: pass SleepMemory(model), or run the agent once (the "
+                "first model call binds it to the agent's ChatSleepHybrid)"
+            )
+        return self.engine
+
+    def _bind(self, engine: Engine, model: ChatSleepHybrid | None) -> None:
+        """Attach the engine (once): the policy defaults to its L and N, and the scheduler starts."""
+        with self._bind_lock:
+            if self.engine is not None:
+                if self.model is None and model is not None and model.engine is self.engine:
+                    self.model = model
+                    self._codec = model.codec
+                return
+            policy = self.policy or SleepPolicy(window=engine.window, passes=engine.passes)
+            if policy.window > engine.window:
+                raise ConfigError(
+                    f"policy.window={policy.window} exceeds the model's window L={engine.window}; use at most L"
+                )
+            self.policy = policy
+            self.model = model
+            self._codec = model.codec if model is not None else _engine_codec(engine)
+            if self.scheduler is None:
+                self.scheduler = SleepScheduler(
+                    self.sleep_job,
+                    policy,
+                    max_workers=self.max_workers,
+                    on_success=self._on_record,
+                    on_failure=self._on_record,
+                )
+            self.engine = engine  # last: hooks treat a set engine as "bound"
 
     # ------------------------------------------------------------------ public helpers
 
@@ -225,23 +316,24 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
 
     def history(self, agent_id: str) -> list[SleepRecord]:
         """Run records of the agent's sleeps (status, timings, attempts, errors), oldest first."""
-        return self.scheduler.history(agent_id)
+        return self.scheduler.history(agent_id) if self.scheduler is not None else []
 
     def flush(self, timeout: float | None = None) -> bool:
         """Run every pending sleep now and wait for all of them; False on timeout. For tests and clean shutdown."""
-        return self.scheduler.flush(timeout)
+        return self.scheduler.flush(timeout) if self.scheduler is not None else True
 
     async def aflush(self, timeout: float | None = None) -> bool:
         """Async twin of `flush`."""
-        return await self.scheduler.aflush(timeout)
+        return await self.scheduler.aflush(timeout) if self.scheduler is not None else True
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no sleep is pending or running, without hurrying them; False on timeout."""
-        return self.scheduler.wait_idle(timeout)
+        return self.scheduler.wait_idle(timeout) if self.scheduler is not None else True
 
     def close(self, *, wait: bool = True) -> None:
         """Stop the scheduler (with ``wait``, pending sleeps run first)."""
-        self.scheduler.shutdown(wait=wait)
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=wait)
 
     def __enter__(self) -> SleepMemory[ResponseT, ContextT]:
         return self
@@ -251,7 +343,7 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
 
     def session(self, agent_id: str) -> AgentSession:
         """The engine's view of a live agent (window, sleep count, snapshot id)."""
-        return self.engine.session(agent_id)
+        return self._require_engine().session(agent_id)
 
     def snapshot(self, agent_id: str, *, reason: str = "manual") -> str:
         """Save the agent's current memory (S and its window) now and return the snapshot id.
@@ -262,8 +354,9 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
             ConfigError: no store. UnknownAgent: the agent is not live. StoreError: the store failed.
         """
         store = self._require_store()
+        engine = self._require_engine()
         book = self._book(agent_id)
-        slot = _window.slot(self.engine, agent_id)
+        slot = _window.slot(engine, agent_id)
 
         def persist(memory: AgentMemory) -> str:
             ledger = slot.ledger
@@ -271,6 +364,7 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
             if ledger is not None and ledger.window_tokens == len(memory.window):
                 meta["window_message_ids"] = list(ledger.message_ids)
                 meta["window_head_tokens"] = ledger.head_tokens
+                meta["head_ids"] = list(memory.window[: ledger.head_tokens])
             return save_memory(
                 store,
                 agent_id,
@@ -279,10 +373,12 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
                 passes=self.policy.passes,
                 metadata=meta,
                 thread_id=book.thread_id,
+                expect_current=expect,
             ).id
 
         with slot.lock:
-            sid = self.engine.checkpoint(agent_id, persist)
+            expect = self._expect_current(agent_id)
+            sid = engine.checkpoint(agent_id, persist)
         assert sid is not None  # persist always returns an id
         return sid
 
@@ -295,68 +391,67 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
             ConfigError: no store. UnknownAgent / UnknownSnapshot, SnapshotMismatch, SnapshotCorrupt, StoreError.
         """
         store = self._require_store()
+        engine = self._require_engine()
         loaded = (
-            store.latest(agent_id, fingerprint=self.engine.fingerprint, fallback=True)
+            store.latest(agent_id, fingerprint=engine.fingerprint, fallback=True)
             if snapshot_id is None
-            else store.load(snapshot_id, fingerprint=self.engine.fingerprint)
+            else store.load(snapshot_id, fingerprint=engine.fingerprint)
         )
         return self._install(agent_id, self._book(agent_id), loaded)
 
     def forget(self, agent_id: str) -> None:
         """Remove a live agent from the engine (its snapshots stay in the store); the next turn revives it."""
-        if self.engine.has_agent(agent_id):
-            self.engine.remove_agent(agent_id)
-        _window.forget(self.engine, agent_id)
+        if self.engine is not None:
+            self._forget_live(agent_id)
         with self._books_lock:
             self._books.pop(agent_id, None)
 
     # ------------------------------------------------------------------ hooks
 
     def before_agent(self, state: SleepState[ResponseT], runtime: Runtime[ContextT]) -> dict[str, Any] | None:
-        """Start of a turn: hold background sleeps, revive the agent if needed, adopt a committed sleep."""
+        """Start of a turn: hold background sleeps, revive the agent if needed, adopt a committed sleep.
+
+        A new message that can never fit the window is taken out of the state here; the turn then fails with
+        `MessageTooLong` before the model runs (in ``before_model``).
+        """
         agent = self._agent_id(runtime)
         book = self._book(agent, _thread_id(runtime))
-        self.scheduler.notify_turn(agent)
         with book.cond:
-            deadline = time.monotonic() + self.policy.sleep_timeout_seconds
-            while book.sleeping:  # a sleep that had already started: its result is this turn's memory
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    logger.warning("agent %r: a running sleep outlasted the wait; the turn goes on without it", agent)
-                    break
-                book.cond.wait(remaining)
-            book.in_turn = True
-            book.sync_wanted = False
-            book.degraded = False
-            failure, book.unreported_failure = book.unreported_failure, None
-        if failure is not None and self.on_error == "raise":
-            raise SleepFailed(f"the background sleep of agent {agent!r} failed: {failure.error}")
-        try:
-            self._ensure_live(agent, book)
-        except Exception as e:  # a revival problem never fails the run (unless on_error="raise")
-            if self.on_error == "raise":
-                raise
-            self._degrade(agent, book, e)
-        return self._adopt(state, book) or None
+            book.in_turn = False  # a new invocation: whatever an interrupted one left is over
+            book.refused = None
+        update = self._enter(agent, book, state)
+        refused = self._refuse_too_long(agent, book, state, update)
+        return {**update, **refused} or None
 
     async def abefore_agent(self, state: SleepState[ResponseT], runtime: Runtime[ContextT]) -> dict[str, Any] | None:
         """Async twin of `before_agent`."""
         return await asyncio.to_thread(self.before_agent, state, runtime)
 
     def before_model(self, state: SleepState[ResponseT], runtime: Runtime[ContextT]) -> dict[str, Any] | None:
-        """Before a model call: sleep synchronously only if the call cannot fit the window."""
+        """Before a model call: sleep synchronously only if the call cannot fit the window.
+
+        Also where a resumed run (``agent.invoke(None, config)`` after a crash) revives the agent, since
+        ``before_agent`` does not run again then.
+        """
         agent = self._agent_id(runtime)
-        book = self._book(agent)
-        codec = self._codec
-        if book.degraded or codec is None or not self.engine.has_agent(agent):
-            return None
+        book = self._book(agent, _thread_id(runtime))
+        with book.cond:
+            refused, book.refused = book.refused, None
+        if refused is not None:
+            raise refused
+        update = self._enter(agent, book, state)
+        state = _merged(state, update)
+        engine, codec = self.engine, self._codec
+        if engine is None or book.degraded or codec is None or not engine.has_agent(agent):
+            return update or None
+        assert self.policy is not None and self.scheduler is not None  # bound together with the engine
         messages = _after(state["messages"], state.get("consolidated_through"))
         needed, can_sleep = self._needed_tokens(agent, messages, codec)
         if needed <= self.policy.window:
-            return None
+            return update or None
         if not can_sleep:
             logger.info("agent %r: the next call needs %d tokens; the window is resynced by the call", agent, needed)
-            return None
+            return update or None
         logger.info("agent %r: the next call needs %d of %d tokens; sleeping first", agent, needed, self.policy.window)
         with book.cond:
             book.sync_wanted = True
@@ -368,11 +463,11 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
             logger.warning(
                 "agent %r: synchronous sleep failed (%s); the call falls back to the newest messages", agent, e
             )
-            return None
+            return update or None
         finally:
             with book.cond:
                 book.sync_wanted = False
-        return self._adopt(state, book) or None
+        return {**update, **self._adopt(state, book)} or None
 
     async def abefore_model(self, state: SleepState[ResponseT], runtime: Runtime[ContextT]) -> dict[str, Any] | None:
         """Async twin of `before_model`."""
@@ -385,9 +480,11 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
     ) -> ModelResponse[ResponseT] | ExtendedModelResponse[ResponseT]:
         """Send only the messages since the last sleep, with the agent id bound to the model.
 
-        If those messages cannot fit the window and ``before_model`` could not sleep them (a fresh process revived
-        a thread whose window was nearly full), they are slept here first, oldest first, in window-sized groups
-        (a catch-up); the state learns of those sleeps through the returned command.
+        The first call binds a `SleepMemory()` made without an engine to the agent's model. If the agent is not live
+        (a resumed run after a crash), it is revived here. If the messages since the last sleep cannot fit the window
+        and ``before_model`` could not sleep them (a fresh process revived a thread whose window was nearly full),
+        they are slept here first, oldest first, in window-sized groups (a catch-up); the state learns of those sleeps
+        through the returned command.
         """
         prepared, update = self._prepare(request)
         return _with_update(handler(prepared), update)
@@ -403,8 +500,15 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
 
     def after_agent(self, state: SleepState[ResponseT], runtime: Runtime[ContextT]) -> dict[str, Any] | None:
         """End of a turn: let the scheduler sleep in the background if the window is full enough. Never blocks."""
+        engine, scheduler = self.engine, self.scheduler
+        if engine is None or scheduler is None:
+            return None  # no model call bound this memory (e.g. a served model): nothing to schedule
         agent = self._agent_id(runtime)
-        book = self._book(agent)
+        book = self._book(agent, _thread_id(runtime))
+        adopted: dict[str, Any] = {}
+        if not engine.has_agent(agent):  # a run resumed after the model call (``invoke(None, config)``)
+            adopted = self._enter(agent, book, state)
+            self._resync(agent, book, _merged(state, adopted))
         with book.cond:
             book.in_turn = False
             degraded, book.degraded = book.degraded, False
@@ -412,14 +516,15 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
         if degraded:
             # The throw-away agent must not be slept or saved over the committed one: drop it; the next turn revives.
             self._forget_live(agent)
-            self.scheduler.turn_finished(agent, window_tokens=0)
+            scheduler.turn_finished(agent, window_tokens=0)
             return {"last_sleep_status": "degraded"}
         try:
-            window = self.engine.session(agent).window_tokens
-        except UnknownAgent:
+            window = engine.session(agent).window_tokens
+        except UnknownAgent:  # resumed after the model call: the next turn revives it
             window = 0
-        handle = self.scheduler.turn_finished(agent, window_tokens=window)
+        handle = scheduler.turn_finished(agent, window_tokens=window)
         update: dict[str, Any] = {
+            **adopted,
             "tokens_since_sleep": window,
             "sleep_pending": handle.run_id if handle is not None and not handle.done() else None,
         }
@@ -430,6 +535,98 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
     async def aafter_agent(self, state: SleepState[ResponseT], runtime: Runtime[ContextT]) -> dict[str, Any] | None:
         """Async twin of `after_agent`."""
         return self.after_agent(state, runtime)  # lock-only work: safe on the event loop
+
+    def _enter(self, agent: str, book: _Book, state: Mapping[str, Any]) -> dict[str, Any]:
+        """Make sure the turn has started for ``agent`` (once per invocation, from whichever hook runs first).
+
+        Holds background sleeps, waits for a running one, revives the agent if the engine does not hold it, and
+        returns the state update adopting the newest committed sleep. Nothing until an engine is bound.
+        """
+        if self.engine is None or self.scheduler is None or self.policy is None:
+            return {}
+        with book.cond:
+            started = book.in_turn
+        if not started:
+            self.scheduler.notify_turn(agent)
+            with book.cond:
+                deadline = time.monotonic() + self.policy.sleep_timeout_seconds
+                while book.sleeping:  # a sleep that had already started: its result is this turn's memory
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        logger.warning("agent %r: a running sleep outlasted the wait; the turn goes on", agent)
+                        break
+                    book.cond.wait(remaining)
+                book.in_turn = True
+                book.sync_wanted = False
+                book.degraded = False
+                failure, book.unreported_failure = book.unreported_failure, None
+            if failure is not None and self.on_error == "raise":
+                raise SleepFailed(f"the background sleep of agent {agent!r} failed: {failure.error}")
+        if not book.degraded:
+            try:
+                self._ensure_live(agent, book)
+            except Exception as e:  # a revival problem never fails the run (unless on_error="raise")
+                if self.on_error == "raise":
+                    raise
+                self._degrade(agent, book, e)
+        return self._adopt(state, book)
+
+    def _resync(self, agent: str, book: _Book, state: Mapping[str, Any]) -> None:
+        """Rebuild a just-revived agent's window from the state, as the interrupted turn's model call had left it.
+
+        So the sleep this turn ends with consolidates the same messages as in a run that was never interrupted. Needs
+        the system prompt's tokens, which the snapshot carries; without them the next model call resyncs instead.
+        """
+        engine, codec = self._eng, self._codec
+        slot = _window.slot(engine, agent)
+        if book.degraded or codec is None or slot.head_ids is None or not engine.has_agent(agent):
+            return
+        messages = _after(state.get("messages", []), state.get("consolidated_through"))
+        if not messages or slot.head_tokens + codec.count(messages) > engine.window:
+            return
+        try:
+            sync_window(engine, codec, agent, messages, head=slot.head_ids)
+        except Exception as e:  # the next model call resyncs; nothing is lost
+            logger.warning("agent %r: rebuilding the window of a resumed turn failed (%s)", agent, e)
+
+    def _refuse_too_long(
+        self, agent: str, book: _Book, state: Mapping[str, Any], update: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Take messages that can never fit the window out of the state; the newest one fails this turn."""
+        engine, codec = self.engine, self._codec
+        if engine is None or codec is None:
+            return {}
+        merged = _merged(state, dict(update))
+        pending = _after(merged.get("messages", []), merged.get("consolidated_through"))
+        removed = {m.id for m in update.get("messages", []) if isinstance(m, RemoveMessage)}
+        slot = _window.slot(engine, agent)
+        limit = engine.window - slot.head_tokens - len(codec.generation_prefix) - len(codec.end_ids) - 1
+        drop: list[str] = []
+        for m in pending:
+            if m.id is None or m.id in removed:
+                continue
+            n = len(codec.message_ids(m))
+            if n <= limit:
+                continue
+            drop.append(m.id)
+            if m is not pending[-1]:  # left by an earlier run that failed on it: just take it out
+                logger.warning("agent %r: removing an earlier message of %d tokens that can never fit", agent, n)
+                continue
+            error = MessageTooLong(
+                f"agent {agent!r}: a {m.type} message of {n} tokens cannot fit the model's window: at most {limit} "
+                f"tokens fit beside the system prompt and a reply (L={engine.window}). It was taken out of the "
+                "conversation. Split it into several messages that each fit (the model folds earlier ones into its "
+                "fast weights by sleeping), or summarise it first",
+                tokens=n,
+                limit=limit,
+                message_id=m.id,
+            )
+            with book.cond:
+                book.refused = error
+            logger.warning("%s", error)
+        if not drop:
+            return {}
+        return {"messages": [*update.get("messages", []), *(RemoveMessage(id=i) for i in drop)]}
 
     # ------------------------------------------------------------------ the sleep job (scheduler threads)
 
@@ -455,7 +652,7 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
                 book.cond.notify_all()
 
     def _sleep(self, agent: str, book: _Book, request: SleepRequest) -> SleepOutcome:
-        engine = self.engine
+        engine = self._eng
         if book.degraded or not engine.has_agent(agent):
             return SleepOutcome(detail={"skipped": "the agent is not live"})
         slot = _window.slot(engine, agent)
@@ -468,6 +665,8 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
                 logger.info("agent %r: window of %d tokens holds no known messages; not slept", agent, window)
                 return SleepOutcome(detail={"skipped": "the window does not hold whole, known messages"})
             through = ledger.through
+            head_ids = list(engine.session(agent).window[: ledger.head_tokens])  # the system prompt's tokens
+            store = self.store if request.snapshot else None
 
             def persist(commit: SleepCommit) -> str | None:
                 if commit.tokens != ledger.window_tokens:
@@ -478,27 +677,33 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
                 with book.cond:
                     if book.in_turn and not book.sync_wanted:
                         raise SleepFailed(f"agent {agent!r}: a turn started while it slept; retried after the turn")
-                if self.store is None or not request.snapshot:
+                if store is None:
                     return None
-                memory = commit.memory
-                return self.store.save(
+                return save_memory(
+                    store,
                     agent,
-                    memory.state,
-                    list(memory.window),
+                    commit.memory,
                     reason="sleep",
                     passes=commit.passes,
-                    tokens_consolidated=memory.tokens_consolidated,
                     thread_id=book.thread_id,
                     metadata={
-                        "sleep_count": memory.sleep_count,
-                        "tokens_seen": memory.tokens_seen,
                         "consolidated_through": through,
+                        "head_ids": head_ids,
                         "run_id": request.run_id,
                         "reason": request.reason,
                     },
+                    expect_current=expect,
                 ).id
 
-            result = engine.sleep(agent, request.passes, persist=persist)
+            try:
+                expect = self._expect_current(agent) if store is not None else None
+                result = engine.sleep(agent, request.passes, persist=persist)
+            except SnapshotConflict as e:
+                # Another process moved this agent on (or this copy never revived it): never overwrite that. Drop the
+                # stale copy; the next turn revives the agent's current snapshot.
+                logger.error("agent %r: %s; its live copy here is stale and is dropped", agent, e)
+                self._forget_live(agent)
+                return SleepOutcome(detail={"skipped": "conflict", "error": str(e)})
             if result.skipped is not None:
                 return SleepOutcome(detail={"skipped": result.skipped})
             slot.ledger = _window.EMPTY if result.carried == 0 else None
@@ -563,19 +768,43 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
             raise ConfigError("this SleepMemory has no snapshot store; pass store=SnapshotStore(...) or a URL")
         return self.store
 
+    def _expect_current(self, agent: str) -> str | None:
+        """The snapshot a save of ``agent`` must find current (compare-and-set): the one its live copy came from.
+
+        A live copy that came from no snapshot (a new agent) may only save while the store has none for it either,
+        so a copy that started from zero fast weights can never be saved over an agent's existing chain.
+
+        Raises:
+            SnapshotConflict: the live copy has no snapshot but the store has one.
+        """
+        store = self._require_store()
+        sid = self._eng.session(agent).snapshot_id
+        if sid is not None:
+            return sid
+        try:
+            current = store.agent(agent).current_snapshot_id
+        except UnknownAgent:
+            return None
+        if current is not None:
+            raise SnapshotConflict(
+                f"agent {agent!r} has snapshot {current!r} in the store, but the copy live here started from zero "
+                "fast weights (it was never revived); nothing was saved"
+            )
+        return None
+
     def _ensure_live(self, agent: str, book: _Book) -> None:
         """The agent is live in the engine: already, revived from the store, or new."""
-        if self.engine.has_agent(agent):
+        if self._eng.has_agent(agent):
             return
         if self.store is None:
-            self.engine.create_agent(agent)
+            self._eng.create_agent(agent)
             return
         last: Exception | None = None
         for attempt in range(_REVIVE_ATTEMPTS):
             try:
-                loaded = self.store.latest(agent, fingerprint=self.engine.fingerprint, fallback=True)
+                loaded = self.store.latest(agent, fingerprint=self._eng.fingerprint, fallback=True)
             except (UnknownAgent, UnknownSnapshot):
-                self.engine.create_agent(agent)
+                self._eng.create_agent(agent)
                 return
             except SnapshotMismatch:
                 raise
@@ -590,9 +819,9 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
 
     def _install(self, agent: str, book: _Book, loaded: Any) -> AgentSession:
         """Make a loaded snapshot the agent's memory and remember what its window holds."""
-        session = self.engine.import_state(agent, memory_from_snapshot(loaded), snapshot_id=loaded.record.id)
+        session = self._eng.import_state(agent, memory_from_snapshot(loaded), snapshot_id=loaded.record.id)
         meta = loaded.record.meta
-        slot = _window.slot(self.engine, agent)
+        slot = _window.slot(self._eng, agent)
         ids = meta.get("window_message_ids")
         if not loaded.window:
             slot.ledger = _window.EMPTY
@@ -600,6 +829,12 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
             slot.ledger = _window.WindowLedger(tuple(ids), len(loaded.window), int(meta.get("window_head_tokens", 0)))
         else:
             slot.ledger = None
+        head = meta.get("head_ids")
+        if isinstance(head, list) and all(isinstance(t, int) for t in head):
+            slot.head_ids, slot.head_tokens = tuple(head), len(head)
+        elif loaded.window and "window_head_tokens" in meta:
+            n = int(meta["window_head_tokens"])
+            slot.head_ids, slot.head_tokens = tuple(int(t) for t in loaded.window[:n]), n
         with book.cond:
             book.committed = _Commit(loaded.record.id, meta.get("consolidated_through"), session.sleep_count)
         logger.info("agent %r revived from snapshot %s (seq %d)", agent, loaded.record.id, loaded.record.seq)
@@ -615,17 +850,17 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
         with book.cond:
             book.degraded = True
             book.last_status = "degraded"
-        if not self.engine.has_agent(agent):
-            self.engine.create_agent(agent)
+        if not self._eng.has_agent(agent):
+            self._eng.create_agent(agent)
 
     def _forget_live(self, agent: str) -> None:
         """Drop the live agent (not its book or snapshots)."""
-        if self.engine.has_agent(agent):
+        if self._eng.has_agent(agent):
             try:
-                self.engine.remove_agent(agent)
+                self._eng.remove_agent(agent)
             except UnknownAgent:
                 pass
-        _window.forget(self.engine, agent)
+        _window.forget(self._eng, agent)
 
     def _adopt(self, state: Mapping[str, Any], book: _Book) -> dict[str, Any]:
         """State update for the newest committed sleep, if the graph state has not seen it yet."""
@@ -656,9 +891,9 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
 
     def _needed_tokens(self, agent: str, messages: Sequence[BaseMessage], codec: ChatCodec) -> tuple[int, bool]:
         """(window tokens the next call needs, whether sleeping the current window makes room)."""
-        slot = _window.slot(self.engine, agent)
+        slot = _window.slot(self._eng, agent)
         ledger = slot.ledger
-        window = self.engine.session(agent).window_tokens
+        window = self._eng.session(agent).window_tokens
         tail = len(codec.generation_prefix) + len(codec.end_ids) + self._reserve()
         ids = [m.id for m in messages]
         n = len(ledger.message_ids) if ledger is not None else 0
@@ -677,38 +912,53 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
         return _DEFAULT_RESERVE_TOKENS
 
     def _prepare(self, request: ModelRequest[ContextT]) -> tuple[ModelRequest[ContextT], dict[str, Any] | None]:
-        """The request the model gets, and a state update if catch-up sleeps committed.
+        """The request the model gets, and a state update (a revival or catch-up sleeps to adopt), if any.
 
         The model gets the messages after ``consolidated_through``, with the agent id bound.
+
+        Raises:
+            ConfigError: the model cannot sleep (and ``other_models="raise"``), or runs on another engine.
+            MessageTooLong: a message cannot fit the window even alone.
         """
         model = request.model
-        if not isinstance(model, ChatSleepHybrid) or model.engine is not self.engine:
-            if not self._warned_model:
-                self._warned_model = True
-                logger.warning(
-                    "SleepMemory: the agent's model is %s, not a ChatSleepHybrid on this engine; passing calls through "
-                    "without memory",
-                    type(model).__name__,
-                )
-            return request, None
-        if self._codec is None:
-            self._codec = model.codec
+        if _is_served(model):
+            # The server keeps the agent's memory (S + window) and sleeps it; only the agent id is ours to send.
+            agent = self._agent_id(request.runtime)
+            return request.override(model_settings={**request.model_settings, "agent_id": agent}), None
+        if not isinstance(model, ChatSleepHybrid) or (self.engine is not None and model.engine is not self.engine):
+            if self.other_models == "passthrough":
+                return request, None
+            raise ConfigError(_other_model_message(model, self.engine))
+        self._bind(model.engine, model)
         agent = self._agent_id(request.runtime)
-        messages = _after(request.messages, request.state.get("consolidated_through"))
-        update = self._catch_up(agent, request, messages, model)
-        if update is not None:
-            messages = _after(request.messages, update["consolidated_through"])
+        book = self._book(agent, _thread_id(request.runtime))
+        update: dict[str, Any] = self._enter(agent, book, request.state)
+        state = _merged(request.state, update)
+        codec = model.codec
+        system = [request.system_message] if request.system_message is not None else []
+        _window.slot(model.engine, agent).head_tokens = codec.count(system)
+        messages = _after(request.messages, state.get("consolidated_through"))
+        check_message_lengths(codec, model.window, [*system, *messages])
+        caught_up = self._catch_up(agent, request, state, messages, model)
+        if caught_up:
+            update = {**update, **caught_up}
+            messages = _after(request.messages, caught_up["consolidated_through"])
         messages = self._fit(agent, request.system_message, messages, model)
-        snapshot_id = (update or request.state).get("snapshot_id")
+        snapshot_id = _merged(request.state, update).get("snapshot_id")
         settings = {**request.model_settings, "agent_id": agent, "snapshot_id": snapshot_id}
-        return request.override(messages=messages, model_settings=settings), update
+        return request.override(messages=messages, model_settings=settings), update or None
 
     def _catch_up(
-        self, agent: str, request: ModelRequest[ContextT], messages: list[AnyMessage], model: ChatSleepHybrid
+        self,
+        agent: str,
+        request: ModelRequest[ContextT],
+        state: Mapping[str, Any],
+        messages: list[AnyMessage],
+        model: ChatSleepHybrid,
     ) -> dict[str, Any] | None:
         """Sleep the oldest messages in window-sized groups until the rest fits with room for the reply."""
         book = self._book(agent)
-        if book.degraded or not self.engine.has_agent(agent):
+        if book.degraded or not self._eng.has_agent(agent):
             return None
         codec = model.codec
         system = [request.system_message] if request.system_message is not None else []
@@ -716,9 +966,9 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
         tail = len(codec.generation_prefix) + len(codec.end_ids) + self._reserve()
         sizes = [len(p) for p in codec.render(messages)]
         start, slept = 0, False
-        while head + sum(sizes[start:]) + tail > self.policy.window and start < len(messages) - 1:
+        while head + sum(sizes[start:]) + tail > self._policy.window and start < len(messages) - 1:
             k, used = 0, head
-            while start + k < len(messages) - 1 and used + sizes[start + k] <= self.policy.window:
+            while start + k < len(messages) - 1 and used + sizes[start + k] <= self._policy.window:
                 used += sizes[start + k]
                 k += 1
             if k == 0 or messages[start + k - 1].id is None:
@@ -726,11 +976,11 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
             group = messages[start : start + k]
             logger.info("agent %r: catching up, sleeping %d messages that cannot fit beside the rest", agent, k)
             try:
-                sync_window(self.engine, codec, agent, [*system, *group])
+                sync_window(self._eng, codec, agent, [*system, *group])
                 with book.cond:
                     book.sync_wanted = True
                 try:
-                    self.scheduler.sleep_now(agent, timeout=self.policy.sleep_timeout_seconds)
+                    self._sched.sleep_now(agent, timeout=self._policy.sleep_timeout_seconds)
                 finally:
                     with book.cond:
                         book.sync_wanted = False
@@ -747,7 +997,7 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
             slept = True
         if not slept:
             return None
-        return self._adopt(request.state, book) or None
+        return self._adopt(state, book) or None
 
     def _fit(
         self, agent: str, system: BaseMessage | None, messages: list[AnyMessage], model: ChatSleepHybrid
@@ -759,7 +1009,7 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
         sizes = [len(p) for p in codec.render(messages)]
         total = fixed + sum(sizes)
         start = 0
-        while total > self.engine.window and start < len(messages) - 1:
+        while total > self._eng.window and start < len(messages) - 1:
             total -= sizes[start]
             start += 1
         if start:
@@ -771,6 +1021,34 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
                 len(messages),
             )
         return messages[start:]
+
+
+def _merged(state: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` as it will be after ``update`` (private fields replaced, removed messages gone)."""
+    out = {**state, **{k: v for k, v in update.items() if k != "messages"}}
+    removed = {m.id for m in update.get("messages", []) if isinstance(m, RemoveMessage)}
+    if removed:
+        out["messages"] = [m for m in state.get("messages", []) if m.id not in removed]
+    return out
+
+
+def _is_served(model: Any) -> bool:
+    """A chat model whose server keeps the agent's memory (`ChatSleepServer`): SleepMemory only names the agent."""
+    return bool(getattr(model, "agentsleep_served", False))
+
+
+def _other_model_message(model: Any, engine: Engine | None) -> str:
+    if isinstance(model, ChatSleepHybrid):
+        return (
+            f"SleepMemory is bound to engine {engine!r}, but this call's ChatSleepHybrid runs on another engine "
+            f"({model.engine!r}); use one SleepMemory per engine, or SleepMemory(other_models='passthrough') to let "
+            "calls to other models through without memory"
+        )
+    return (
+        f"the agent's model is {type(model).__name__}, which cannot sleep: SleepMemory needs a ChatSleepHybrid (or a "
+        "ChatSleepServer for `agentsleep serve`). Pass SleepMemory(other_models='passthrough') to let calls to other "
+        "models through without memory (e.g. a fallback model)"
+    )
 
 
 def _with_update(

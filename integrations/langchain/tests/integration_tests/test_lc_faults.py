@@ -120,6 +120,7 @@ def test_store_down_when_a_fresh_process_revives(
     assert not third.model.engine.has_agent("t")
     store.down = False
     third.turn("t", user_text(9))
+    third.memory.flush()  # the sleep turn 9 scheduled must not commit between the reads below
     assert third.model.engine.session("t").sleep_count >= first.model.engine.session("t").sleep_count
     history = store.history("t")
     assert good in [s.id for s in history]

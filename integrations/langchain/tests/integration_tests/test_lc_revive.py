@@ -1,8 +1,10 @@
 """Revive: a thread continued by a fresh process (same SQLite checkpointer file, same snapshot store) replies exactly
-as an uninterrupted run. The first process is SIGKILLed after its last turn, never shut down cleanly."""
+as an uninterrupted run. The first process is SIGKILLed, never shut down cleanly: after its last turn, or in the middle
+of a turn (then the fresh process finishes that turn the LangGraph way, ``agent.invoke(None, config)``)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import sqlite3
@@ -19,13 +21,26 @@ WORKER = Path(__file__).with_name("revive_worker.py")
 TURNS = 16
 
 
-def run_worker(checkpoint: Path, workdir: Path, out: Path, start: int, stop: int, *, kill: bool = False) -> None:
+def run_worker(
+    checkpoint: Path,
+    workdir: Path,
+    out: Path,
+    start: int,
+    stop: int,
+    *,
+    kill: bool = False,
+    kill_at: str | None = None,
+    resume: bool = False,
+    use_async: bool = False,
+) -> None:
     """revive_worker.py: turns start..stop-1 of the conversation in a new Python process."""
     workdir.mkdir(exist_ok=True)
     cmd = [sys.executable, str(WORKER), "--ckpt", str(checkpoint), "--dir", str(workdir), "--out", str(out)]
     cmd += ["--start", str(start), "--stop", str(stop)] + (["--kill"] if kill else [])
+    cmd += (["--kill-at", kill_at] if kill_at else []) + (["--resume"] if resume else [])
+    cmd += ["--async"] if use_async else []
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    expected = -signal.SIGKILL if kill else 0
+    expected = -signal.SIGKILL if kill or kill_at else 0
     assert proc.returncode == expected, proc.stderr[-3000:]
 
 
@@ -34,14 +49,32 @@ def rows(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """The whole conversation in one process."""
+def full_run(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+    """The whole conversation in one process: its rows and its state directory."""
     d = tmp_path_factory.mktemp("full")
     run_worker(checkpoint, d / "state", d / "out.jsonl", 0, TURNS)
     got = rows(d / "out.jsonl")
     sleeps = [r["sleep_count"] for r in got]
     assert sleeps[-1] >= 2 and len(set(sleeps)) >= 3  # it crosses several sleeps
-    return got
+    return got, d / "state"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(full_run: tuple[list[dict], Path]) -> list[dict]:
+    return full_run[0]
+
+
+def lineage(state_dir: Path, agent: str = "alice") -> list[tuple[str, int, int | None]]:
+    """The agent's snapshots as (reason, tokens consolidated, sleep count), after checking they form one chain."""
+    store = SnapshotStore(f"sqlite:///{state_dir / 'snapshots.db'}")
+    try:
+        history = store.history(agent)
+        for parent, child in itertools.pairwise(history):
+            assert child.parent_id == parent.id  # one chain, never restarted
+        assert store.agent(agent).current_snapshot_id == history[-1].id
+        return [(r.reason, r.tokens_consolidated, r.meta.get("sleep_count")) for r in history]
+    finally:
+        store.close()
 
 
 def test_fresh_process_continues_the_thread_exactly(
@@ -54,6 +87,29 @@ def test_fresh_process_continues_the_thread_exactly(
     assert len(rows(out)) == 7
     run_worker(checkpoint, tmp_path / "state", out, 7, TURNS)
     assert rows(out) == uninterrupted
+
+
+@pytest.mark.parametrize(
+    ("point", "use_async"),
+    [("before_model", False), ("model", False), ("after_model", False), ("model", True)],
+    ids=["before_model", "model", "after_model", "model-async"],
+)
+def test_killed_mid_turn_resumes_exactly(
+    checkpoint: Path, tmp_path: Path, full_run: tuple[list[dict], Path], point: str, use_async: bool
+) -> None:
+    """SIGKILL inside turn k, a turn whose before_agent had just adopted a sleep (the state already counts it); a fresh
+    process finishes turn k with invoke(None, config) — LangGraph resumes after the last finished step, so
+    before_agent does not run again — and goes on. Replies, sleep counts and the store's lineage equal the
+    uninterrupted run's: the fast weights were revived, never restarted from zero."""
+    uninterrupted, full_state = full_run
+    k = next(t for t in range(5, TURNS) if uninterrupted[t]["sleep_count"] > uninterrupted[t - 1]["sleep_count"])
+    out = tmp_path / "out.jsonl"
+    run_worker(checkpoint, tmp_path / "state", out, 0, k + 1, kill_at=f"{k}:{point}", use_async=use_async)
+    assert len(rows(out)) == k  # turn k never finished
+    run_worker(checkpoint, tmp_path / "state", out, k + 1, TURNS, resume=True, use_async=use_async)
+    assert rows(out) == uninterrupted
+    assert lineage(tmp_path / "state") == lineage(full_state)
+    assert [s for _, _, s in lineage(full_state)] == list(range(1, len(lineage(full_state)) + 1))
 
 
 def continue_in_process(

@@ -29,11 +29,17 @@ def window_of(model: ChatSleepHybrid, agent: str) -> list[int]:
     return list(model.engine.session(agent).window)
 
 
-def test_profile_and_identity(model: ChatSleepHybrid) -> None:
+def test_profile_and_identity(model: ChatSleepHybrid, checkpoint: Path) -> None:
     assert model.profile is not None
     assert model.profile["max_input_tokens"] == model.window == 96
     assert model.profile["tool_calling"] is False
-    assert model._llm_type == "agentsleep-hybrid"
+    # one provider name everywhere (traces, response metadata), and the model is named by its checkpoint
+    assert model._llm_type == "chat-agentsleep"
+    params = model._get_ls_params()
+    assert params["ls_provider"] == "agentsleep" and params["ls_model_name"] == str(checkpoint)
+    reply = model.invoke("hello cat")
+    assert reply.response_metadata["model_name"] == str(checkpoint)
+    assert reply.response_metadata["model_provider"] == "agentsleep"
     assert model.get_num_tokens_from_messages([HumanMessage("hello cat")]) == model.codec.count(
         [HumanMessage("hello cat")]
     )

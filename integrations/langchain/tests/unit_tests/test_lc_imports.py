@@ -7,7 +7,9 @@ import langchain_agentsleep
 EXPECTED_ALL = [
     "ChatCodec",
     "ChatSleepHybrid",
+    "ChatSleepServer",
     "ChatTemplate",
+    "MessageTooLong",
     "MissingAgentKey",
     "ReplyBudget",
     "SleepMemory",
