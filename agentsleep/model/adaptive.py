@@ -259,3 +259,72 @@ def forward_adaptive(
         out[:, s : s + x.shape[1]] = logits[:, : x.shape[1]] if has_bos else F.pad(logits[:, :-1], (0, 0, 1, 0))
         used.append(torch.zeros(B, dtype=torch.long, device=tokens.device))
     return out, torch.stack(used, 1)
+
+
+# ---------------------------------------------------------------- one sleep of one agent, fixed or adaptive depth
+
+Passes = int | AutoPasses
+"""How deep a sleep goes: N passes, or ``AutoPasses`` (stop when S has converged, at most ``max_passes``)."""
+
+
+def check_passes(value: object, what: str = "passes") -> Passes:
+    """``value`` as a sleep depth: an int ≥ 1, an `AutoPasses`, or its JSON form (`passes_to_json`); else
+    `InvalidInput`. The one parser for every place a depth arrives from outside (policies, jobs, CLIs)."""
+    if isinstance(value, AutoPasses):
+        return value
+    if isinstance(value, dict):
+        keys = {"auto", "max_passes", "tol", "criterion"}
+        if value.get("auto") is not True or not set(value) <= keys:
+            raise InvalidInput(f"{what} must be an int >= 1 or {{'auto': true, 'max_passes', 'tol', 'criterion'}}")
+        try:
+            return AutoPasses(**{k: v for k, v in value.items() if k != "auto"})
+        except TypeError as e:  # pragma: no cover - the key check above makes this unreachable
+            raise InvalidInput(f"{what}: {e}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInput(f"{what} must be an int >= 1 or adaptive ('auto'), got {value!r}")
+    return value
+
+
+def passes_to_json(passes: Passes) -> int | dict[str, object]:
+    """The JSON form of a depth (a job argument, a run record): the int, or ``{"auto": true, ...}``."""
+    if isinstance(passes, AutoPasses):
+        return {"auto": True, "max_passes": passes.max_passes, "tol": passes.tol, "criterion": passes.criterion}
+    return passes
+
+
+def cap_passes(passes: Passes, cap: int | None) -> Passes:
+    """``passes`` with at most ``cap`` passes (a sleep cut short by the idle time it has); ``cap`` None: unchanged."""
+    if cap is None:
+        return passes
+    cap = max(1, int(cap))
+    if isinstance(passes, AutoPasses):
+        return AutoPasses(min(passes.max_passes, cap), passes.tol, passes.criterion)
+    return min(passes, cap)
+
+
+@torch.no_grad()
+def sleep_tokens(model: SleepHybrid, tokens: Tensor, state: FastWeights, passes: Passes) -> tuple[FastWeights, int]:
+    """One stream's sleep over ``tokens`` [1, T] from ``state``: (S', passes used). A fixed N is `SleepHybrid.sleep`;
+    `AutoPasses` is `sleep_adaptive`, whose state equals ``model.sleep(tokens, state, used)``."""
+    if isinstance(passes, AutoPasses):
+        out = sleep_adaptive(
+            model, tokens, state, max_passes=passes.max_passes, tol=passes.tol, criterion=passes.criterion
+        )
+        return out.state, int(out.passes.max())
+    return model.sleep(tokens, state, passes), passes
+
+
+@torch.no_grad()
+def sleep_cache(model: SleepHybrid, cache: WindowCache, passes: Passes) -> tuple[FastWeights, int]:
+    """`sleep_tokens` for a window already run token by token (`SleepHybrid.sleep_window`): (S', passes used)."""
+    if isinstance(passes, AutoPasses):
+        out = sleep_window_adaptive(
+            model, cache, max_passes=passes.max_passes, tol=passes.tol, criterion=passes.criterion
+        )
+        return out.state, int(out.passes.max())
+    return model.sleep_window(cache, passes), passes
+
+
+def nominal_passes(passes: Passes) -> int:
+    """The most passes a sleep of this depth runs (N, or ``max_passes``): what a skipped sleep reports."""
+    return passes.max_passes if isinstance(passes, AutoPasses) else passes
