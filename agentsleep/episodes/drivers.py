@@ -48,9 +48,9 @@ class Condition(BaseModel):
     soft_threshold: float = Field(0.8, gt=0.0, le=1.0, description="background sleep once the window is this full")
 
     def policy(self, engine: TorchEngine) -> SleepPolicy:
-        return SleepPolicy(
-            window=engine.window,
-            passes=engine.passes,
+        return SleepPolicy.with_depth(
+            engine.window,
+            engine.passes,
             soft_threshold=1.0 if self.full_history else self.soft_threshold,
             debounce_seconds=0.0,  # the runner decides when turns come; no need to wait for a burst to end
             retry_backoff_seconds=0.05,

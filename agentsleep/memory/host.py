@@ -155,7 +155,7 @@ class AgentHost:
         if tenant is not None and store is None:
             raise ConfigError("AgentHost(tenant=...) names a namespace of a store: pass the store too")
         self.store = store.for_tenant(tenant) if store is not None and tenant is not None else store
-        self.policy = policy or SleepPolicy(window=engine.window, passes=engine.passes)
+        self.policy = policy or SleepPolicy.with_depth(engine.window, engine.passes)
         if self.policy.window > engine.window:
             raise ConfigError(
                 f"policy.window={self.policy.window} exceeds the model's window L={engine.window}; "
@@ -269,7 +269,7 @@ class AgentHost:
         self.scheduler.forget(agent_id)
         job = None
         if sleep and queue and session.window_tokens > 0:
-            job = store.enqueue_sleep(agent_id, passes=self.policy.passes)
+            job = store.enqueue_sleep(agent_id, passes=self.policy.sleep_passes)
         return ParkResult(agent_id, session.snapshot_id, saved, slept, job)
 
     def session(self, agent_id: str) -> AgentSession:
@@ -348,7 +348,7 @@ class AgentHost:
                         prompt,
                         sampling,
                         return_logits=return_logits,
-                        passes=self.policy.passes,
+                        passes=self.policy.sleep_passes,
                         on_sleep=self._persist_sleep if self._snapshots_on_sleep else None,
                     )
                 finally:
@@ -444,7 +444,9 @@ class AgentHost:
                 stalled = stalled + 1 if self.engine.session(agent_id).window_tokens >= w else 0
                 continue
             piece = ids[pos : pos + L]  # an empty window and still too long: fill one whole window
-            out = self.engine.observe(agent_id, piece, return_logits=keep, passes=self.policy.passes, on_sleep=on_sleep)
+            out = self.engine.observe(
+                agent_id, piece, return_logits=keep, passes=self.policy.sleep_passes, on_sleep=on_sleep
+            )
             syncs += out.sleeps
             if keep and out.logits is not None:
                 logits.append(out.logits)
@@ -668,7 +670,9 @@ class AgentHost:
         assert self.store is not None
 
         def persist(memory: AgentMemory) -> str:
-            return self._save(agent_id, memory, reason=reason, passes=self.policy.passes, new_agent=new_agent).id
+            return self._save(
+                agent_id, memory, reason=reason, passes=self.policy.nominal_passes, new_agent=new_agent
+            ).id
 
         if self._book(agent_id).diverged:
             if swallow:
@@ -778,7 +782,7 @@ class AgentHost:
         )
         if rest:  # more than a window: take the rest in as a turn would (sleeping whenever the window is full)
             on_sleep = self._persist_sleep if self._snapshots_on_sleep else None
-            self.engine.observe(agent_id, rest, passes=self.policy.passes, on_sleep=on_sleep)
+            self.engine.observe(agent_id, rest, passes=self.policy.sleep_passes, on_sleep=on_sleep)
 
     def _consolidates(self, rec: SnapshotRecord, base_id: str, base_end: int) -> bool:
         """Whether ``rec`` descends from ``base_id`` through sleeps only, over the same token stream (a pure

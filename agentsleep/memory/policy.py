@@ -9,12 +9,13 @@ cannot fit, that turn waits for one sleep.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agentsleep.errors import InvalidInput
+from agentsleep.model.adaptive import AutoPasses, Criterion, Passes, cap_passes, nominal_passes
 
 ENV_PREFIX = "AGENTSLEEP_SLEEP_"
 
@@ -31,11 +32,26 @@ class SleepPolicy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     window: int = Field(gt=0, description="L: the attention window in tokens; a window never holds more than this.")
-    passes: int = Field(
+    passes: int | Literal["auto"] = Field(
         default=4,
-        ge=1,
         description="N: offline passes over the window per sleep. N = 1 is the plain hybrid (no extra compute); "
-        "4 is Ouro's loop count, which the paper's N replaces (paper spec §2).",
+        "4 is Ouro's loop count, which the paper's N replaces (paper spec §2). 'auto': adaptive depth, passes until "
+        "S has converged (`tol`), at most `max_passes`; for models trained with sampled N (docs/training.md).",
+    )
+    max_passes: int = Field(default=8, ge=1, description="passes='auto': the most passes one sleep runs (N_max).")
+    tol: float = Field(
+        default=0.05,
+        ge=0.0,
+        description="passes='auto': stop once the relative change of S between two passes is below this (criterion "
+        "'state'), or the mean KL of successive passes' predictions on the window is (criterion 'kl', nats).",
+    )
+    criterion: Criterion = Field(default="state", description="passes='auto': the convergence test, 'state' or 'kl'.")
+    max_sleep_seconds: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Cap each scheduled sleep's passes so it should end within this many seconds (the idle time an "
+        "agent can spare), from the seconds per pass its earlier sleeps took; None: no cap. The first sleep, with "
+        "nothing measured yet, runs uncapped.",
     )
     soft_threshold: float = Field(
         default=0.75,
@@ -79,6 +95,8 @@ class SleepPolicy(BaseModel):
 
     @model_validator(mode="after")
     def _check_backoff(self) -> SleepPolicy:
+        if isinstance(self.passes, int) and self.passes < 1:
+            raise ValueError(f"passes must be >= 1 or 'auto', got {self.passes}")
         if self.retry_backoff_max_seconds < self.retry_backoff_seconds:
             raise ValueError(
                 f"retry_backoff_max_seconds ({self.retry_backoff_max_seconds}) is below retry_backoff_seconds "
@@ -91,6 +109,33 @@ class SleepPolicy(BaseModel):
         """Read `AGENTSLEEP_SLEEP_<FIELD>` environment variables (e.g. `AGENTSLEEP_SLEEP_WINDOW=2048`); keyword
         arguments win over the environment."""
         return cls(**_SleepPolicyEnv(**overrides).model_dump())
+
+    @classmethod
+    def with_depth(cls, window: int, passes: Passes, **fields: Any) -> SleepPolicy:
+        """A policy sleeping ``passes`` deep (an engine's default: N or `AutoPasses`); other fields as given."""
+        if isinstance(passes, AutoPasses):
+            depth = {"passes": "auto", "max_passes": passes.max_passes, "tol": passes.tol}
+            return cls(window=window, criterion=passes.criterion, **depth, **fields)
+        return cls(window=window, passes=passes, **fields)
+
+    @property
+    def sleep_passes(self) -> Passes:
+        """What a sleep runs, as engines take it: N, or `AutoPasses(max_passes, tol, criterion)` for 'auto'."""
+        if self.passes == "auto":
+            return AutoPasses(self.max_passes, self.tol, self.criterion)
+        return self.passes
+
+    @property
+    def nominal_passes(self) -> int:
+        """N, or ``max_passes`` for 'auto': the most passes one sleep runs."""
+        return nominal_passes(self.sleep_passes)
+
+    def passes_within(self, seconds: float | None, seconds_per_pass: float | None) -> Passes:
+        """`sleep_passes` capped so that a sleep should take at most ``seconds`` (at ``seconds_per_pass``, a
+        measurement); at least one pass always runs. Either argument None: no cap."""
+        if seconds is None or seconds_per_pass is None or not seconds_per_pass > 0 or not math.isfinite(seconds):
+            return self.sleep_passes
+        return cap_passes(self.sleep_passes, max(1, math.floor(seconds / seconds_per_pass)))
 
     @property
     def soft_limit_tokens(self) -> int:

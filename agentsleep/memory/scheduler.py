@@ -42,6 +42,7 @@ from typing import Any, Literal
 from agentsleep.errors import InvalidInput, SleepFailed, WindowOverflow
 from agentsleep.ids import check_agent_id
 from agentsleep.memory.policy import SleepPolicy
+from agentsleep.model.adaptive import Passes
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class SleepRequest:
     run_id: str
     reason: SleepReason
     attempt: int  # 1-based, counting earlier failed attempts of this run
-    passes: int  # N, from the policy
+    passes: Passes  # N or AutoPasses, from the policy (capped by max_sleep_seconds)
     snapshot: bool  # persist the new state to the store (policy.snapshot_after_sleep)
     timeout_seconds: float  # advisory: a job that can stop early should stop past this; none is killed
 
@@ -176,6 +177,9 @@ class _Run:
         self.waiters.append(self.future)
 
     def record(self, passes: int) -> SleepRecord:
+        """The run record; ``passes`` is the policy's N (at most), replaced by the passes the job reports it ran."""
+        if self.outcome is not None and self.outcome.passes is not None:
+            passes = self.outcome.passes
         return SleepRecord(
             run_id=self.run_id,
             agent_id=self.agent_id,
@@ -342,6 +346,7 @@ class SleepScheduler:
         )
         self._run_seconds_max = 0.0
         self._run_seconds_total = 0.0
+        self._seconds_per_pass: float | None = None  # measured, for policy.max_sleep_seconds
 
         # Workers wait in real seconds. A ManualClock wakes them when advanced; any other custom clock is polled.
         self._manual = isinstance(clock, ManualClock)
@@ -514,7 +519,7 @@ class SleepScheduler:
         """Run records of `agent_id`, oldest first (open runs included); empty for an unknown agent."""
         with self._cond:
             slot = self._agents.get(agent_id)
-            return [] if slot is None else [run.record(self.policy.passes) for run in slot.history]
+            return [] if slot is None else [run.record(self.policy.nominal_passes) for run in slot.history]
 
     def stats(self) -> SchedulerStats:
         with self._cond:
@@ -754,7 +759,7 @@ class SleepScheduler:
         self._open.pop(run.run_id, None)
         self._counts[status] += 1
         self._cond.notify_all()
-        return run, run.record(self.policy.passes)
+        return run, run.record(self.policy.nominal_passes)
 
     def _resolve(self, finished: list[tuple[_Run, SleepRecord]]) -> None:
         for run, record in finished:
@@ -765,7 +770,7 @@ class SleepScheduler:
 
     def _record_of(self, run: _Run) -> SleepRecord:
         with self._cond:
-            return run.record(self.policy.passes)
+            return run.record(self.policy.nominal_passes)
 
     def _cancel_run(self, run: _Run, note: str) -> bool:
         with self._cond:
@@ -807,7 +812,7 @@ class SleepScheduler:
             run_id=run.run_id,
             reason=run.reason,
             attempt=attempt.number,
-            passes=policy.passes,
+            passes=policy.passes_within(policy.max_sleep_seconds, self._seconds_per_pass),
             snapshot=policy.snapshot_after_sleep,
             timeout_seconds=policy.sleep_timeout_seconds,
         )
@@ -845,6 +850,20 @@ class SleepScheduler:
             self._settling -= 1
             self._cond.notify_all()
 
+    @property
+    def seconds_per_pass(self) -> float | None:
+        """Seconds one sleep pass took on this scheduler's jobs (a running mean of the latest sleeps; None before
+        the first one that reported its passes). `SleepPolicy.max_sleep_seconds` caps passes with it."""
+        return self._seconds_per_pass
+
+    def _measure_pass(self, outcome: SleepOutcome | None, elapsed: float) -> None:
+        """Update `seconds_per_pass` from a sleep that reports the passes it ran (locked)."""
+        if outcome is None or not outcome.passes or outcome.passes < 1 or outcome.tokens == 0:
+            return  # nothing ran (an empty window) or the job did not say
+        spp = elapsed / outcome.passes
+        old = self._seconds_per_pass
+        self._seconds_per_pass = spp if old is None else 0.5 * old + 0.5 * spp
+
     def _after_attempt(
         self, run: _Run, attempt: _Attempt, outcome: SleepOutcome | None, elapsed: float
     ) -> tuple[RecordHook | None, list[tuple[_Run, SleepRecord]]]:
@@ -867,6 +886,7 @@ class SleepScheduler:
                     follow_up.not_before = 0.0
                 run.outcome = outcome
                 run.error = None
+                self._measure_pass(outcome, elapsed)
                 finished.append(self._finish(slot, run, "completed", now))
                 hook = self._on_success
                 logger.info(

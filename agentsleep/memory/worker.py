@@ -39,6 +39,7 @@ from sqlalchemy import text
 
 from agentsleep.errors import AgentSleepError, InvalidInput, SnapshotConflict, StoreError, UnsupportedBackend
 from agentsleep.ids import ID_LEN, check_agent_id, check_id, split_agent_key
+from agentsleep.model.adaptive import Passes, check_passes, nominal_passes
 from agentsleep.model.fingerprint import accepted
 from agentsleep.runtime.engine import Engine, SleepCommit
 from agentsleep.runtime.revive import memory_from_snapshot, save_memory, window_limit
@@ -110,13 +111,14 @@ def consolidate(
     store: SnapshotStore,
     agent_id: str,
     *,
-    passes: int | None = None,
+    passes: Passes | None = None,
     worker_id: str | None = None,
     job_id: int | None = None,
     tries: int = CONFLICT_TRIES,
 ) -> Consolidation:
     """Sleep an agent that lives in the store (not in ``engine``): its current snapshot's window is consolidated with
-    N passes (``passes``, default the engine's) and saved as the agent's new current snapshot.
+    N passes (``passes``, default the engine's; `AutoPasses`: until S has converged) and saved as the agent's new
+    current snapshot.
 
     The save follows `AgentHost`'s conventions (reason ``sleep``, ``tokens_consolidated``, metadata ``sleep_count``,
     ``tokens_seen``, ``trigger``, ``window_tokens_slept``; plus ``worker_id`` and ``job_id``) and is a
@@ -131,11 +133,12 @@ def consolidate(
     """
     check_agent_id(agent_id)
     if passes is not None:
-        _check_passes(passes, "passes")
+        passes = _check_passes(passes, "passes")
+    planned = None if passes is None else nominal_passes(passes)  # what an empty window reports
     for attempt in range(1, tries + 1):
         loaded = store.latest(agent_id, fingerprint=engine.fingerprint)
         if not loaded.window:
-            return Consolidation(agent_id, None, loaded.record.id, 0, passes, attempt)
+            return Consolidation(agent_id, None, loaded.record.id, 0, planned, attempt)
         private = f"~sleep-worker/{job_id if job_id is not None else 'direct'}/{uuid.uuid4().hex}"
         try:
             engine.import_state(private, memory_from_snapshot(loaded), snapshot_id=loaded.record.id)
@@ -148,7 +151,7 @@ def consolidate(
             if engine.has_agent(private):
                 engine.remove_agent(private)
         if result.skipped == "empty":
-            return Consolidation(agent_id, None, loaded.record.id, 0, passes, attempt)
+            return Consolidation(agent_id, None, loaded.record.id, 0, planned, attempt)
         if result.skipped is not None or result.snapshot_id is None:
             raise SnapshotConflict(f"the sleep of agent {agent_id!r} was dropped ({result.skipped or 'no save'})")
         return Consolidation(agent_id, result.snapshot_id, loaded.record.id, result.tokens, result.passes, attempt)
@@ -216,7 +219,7 @@ class SleepWorker:
         store: SnapshotStore,
         *,
         worker_id: str | None = None,
-        passes: int | None = None,
+        passes: Passes | None = None,
         heartbeat_s: float = DEFAULT_HEARTBEAT_S,
         stalled_after_s: float = DEFAULT_STALLED_AFTER_S,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
@@ -514,10 +517,9 @@ class _Run:
                     pass
 
 
-def _check_passes(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInput(f"{what} must be an int >= 1, got {value!r}")
-    return value
+def _check_passes(value: object, what: str) -> Passes:
+    """N or adaptive depth (`AutoPasses`, or its JSON form as a job carries it)."""
+    return check_passes(value, what)
 
 
 def _check_seconds(value: object, what: str) -> float:

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from agentsleep.errors import InvalidInput, UnknownAgent, WindowOverflow
 from agentsleep.ids import check_agent_id
+from agentsleep.model.adaptive import Passes, check_passes
 from agentsleep.model.hybrid import SleepHybrid
 from agentsleep.model.state import FastWeights
 from agentsleep.runtime.engine import (
@@ -121,7 +122,7 @@ class EngineBase(Generic[LiveT, StreamT]):
     outside), `_stream` (a generation request), and the model calls: `observe`, `generate`, `sleep`, ...
     """
 
-    def __init__(self, model: SleepHybrid, passes: int | None) -> None:
+    def __init__(self, model: SleepHybrid, passes: Passes | None) -> None:
         self.model = model
         self._passes = self._check_passes(passes, model.config.passes)
         self._agents: dict[str, LiveT] = {}
@@ -138,7 +139,8 @@ class EngineBase(Generic[LiveT, StreamT]):
         return self.model.config.window
 
     @property
-    def passes(self) -> int:
+    def passes(self) -> Passes:
+        """The default sleep depth: N, or `AutoPasses` (stop once S has converged)."""
         return self._passes
 
     @property
@@ -278,11 +280,9 @@ class EngineBase(Generic[LiveT, StreamT]):
     # ------------------------------------------------------------------ internals
 
     @staticmethod
-    def _check_passes(passes: int | None, default: int) -> int:
-        n = default if passes is None else passes
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InvalidInput(f"passes must be an int >= 1, got {passes!r}")
-        return n
+    def _check_passes(passes: Passes | None, default: Passes) -> Passes:
+        """N (an int >= 1) or `AutoPasses` (adaptive depth); None: the engine's default."""
+        return check_passes(default if passes is None else passes)
 
     def _live(self, agent_id: str) -> LiveT:
         live = self._agents.get(agent_id)
@@ -364,7 +364,7 @@ class EngineBase(Generic[LiveT, StreamT]):
         new_state: FastWeights,
         n: int,
         tail: list[int],
-        passes: int,
+        passes: int,  # passes the sleep used
         trigger: SleepTrigger,
         persist: PersistSleep | None,
         *,
@@ -397,7 +397,7 @@ class EngineBase(Generic[LiveT, StreamT]):
         self._swap_in(live, nxt, n, sid)
         return sid
 
-    def _streams(self, requests: Sequence[GenerateRequest], passes: int | None) -> tuple[int, list[StreamT]]:
+    def _streams(self, requests: Sequence[GenerateRequest], passes: Passes | None) -> tuple[Passes, list[StreamT]]:
         """Check a non-empty `generate_batch` call and open its streams: (N, one stream per request)."""
         ids_seen = [r.agent_id for r in requests]
         if len(set(ids_seen)) != len(ids_seen):

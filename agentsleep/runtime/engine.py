@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agentsleep.errors import InvalidInput
+from agentsleep.model.adaptive import Passes
 from agentsleep.model.state import FastWeights
 
 TokenIds = Sequence[int] | torch.Tensor
@@ -145,7 +146,7 @@ class SleepCommit:
 
     agent_id: str
     memory: AgentMemory  # the agent's memory right after the sleep (window: tokens carried into the new window)
-    passes: int
+    passes: int  # passes run (an adaptive sleep: where it stopped)
     tokens: int  # window tokens consolidated by this sleep
     trigger: SleepTrigger
 
@@ -156,7 +157,7 @@ class SleepResult:
     import replaced the window while this one computed; its result was dropped)."""
 
     agent_id: str
-    passes: int
+    passes: int  # passes run (an adaptive sleep: where it stopped; a skipped one: the most it would have run)
     tokens: int
     skipped: Literal["empty", "superseded"] | None
     snapshot_id: str | None
@@ -198,7 +199,7 @@ class Engine(Protocol):
     def window(self) -> int: ...  # L
 
     @property
-    def passes(self) -> int: ...  # default N
+    def passes(self) -> Passes: ...  # default N, or AutoPasses (adaptive depth)
 
     @property
     def vocab_size(self) -> int: ...
@@ -223,7 +224,7 @@ class Engine(Protocol):
         tokens: TokenIds,
         *,
         return_logits: bool = False,
-        passes: int | None = None,
+        passes: Passes | None = None,
         on_sleep: PersistSleep | None = None,
     ) -> ObserveResult: ...
 
@@ -235,12 +236,12 @@ class Engine(Protocol):
         *,
         generator: torch.Generator | None = None,
         return_logits: bool = False,
-        passes: int | None = None,
+        passes: Passes | None = None,
         on_sleep: PersistSleep | None = None,
     ) -> Generation: ...
 
     def sleep(
-        self, agent_id: str, passes: int | None = None, *, persist: PersistSleep | None = None
+        self, agent_id: str, passes: Passes | None = None, *, persist: PersistSleep | None = None
     ) -> SleepResult: ...
 
     def checkpoint(self, agent_id: str, persist: PersistMemory) -> str | None: ...

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from agentsleep.errors import InvalidInput, SleepFailed
+from agentsleep.model.adaptive import Passes, nominal_passes, sleep_cache
 from agentsleep.model.hybrid import SleepHybrid, WindowCache
 from agentsleep.model.state import FastWeights
 from agentsleep.runtime.base import EngineBase, LiveAgent, Stream, check_agent_id
@@ -103,7 +104,7 @@ class TorchEngine(EngineBase[_Live, _Stream]):
         self,
         model: SleepHybrid,
         *,
-        passes: int | None = None,
+        passes: Passes | None = None,
         tokenizer: TextCodec | tokenizers.Tokenizer | str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(model, SleepHybrid):
@@ -127,7 +128,7 @@ class TorchEngine(EngineBase[_Live, _Stream]):
         cls,
         path: str | os.PathLike[str],
         *,
-        passes: int | None = None,
+        passes: Passes | None = None,
         device: torch.device | str = "cpu",
         **model_kwargs: Any,
     ) -> TorchEngine:
@@ -158,7 +159,7 @@ class TorchEngine(EngineBase[_Live, _Stream]):
         tokens: TokenIds,
         *,
         return_logits: bool = False,
-        passes: int | None = None,
+        passes: Passes | None = None,
         on_sleep: PersistSleep | None = None,
     ) -> ObserveResult:
         """Append tokens to the agent's window, one pass each; if the window fills, sleep and go on in a new one.
@@ -196,7 +197,7 @@ class TorchEngine(EngineBase[_Live, _Stream]):
         *,
         generator: torch.Generator | None = None,
         return_logits: bool = False,
-        passes: int | None = None,
+        passes: Passes | None = None,
         on_sleep: PersistSleep | None = None,
     ) -> Generation:
         """Take the prompt in and generate up to ``sampling.max_new_tokens`` tokens, one pass per token (wake).
@@ -229,7 +230,7 @@ class TorchEngine(EngineBase[_Live, _Stream]):
         requests: Sequence[GenerateRequest],
         *,
         return_logits: bool = False,
-        passes: int | None = None,
+        passes: Passes | None = None,
         on_sleep: PersistSleep | None = None,
     ) -> list[Generation]:
         """`generate` for several agents at once: prompts are taken in one agent at a time (their lengths differ),
@@ -260,7 +261,7 @@ class TorchEngine(EngineBase[_Live, _Stream]):
 
     # ------------------------------------------------------------------ sleep
 
-    def sleep(self, agent_id: str, passes: int | None = None, *, persist: PersistSleep | None = None) -> SleepResult:
+    def sleep(self, agent_id: str, passes: Passes | None = None, *, persist: PersistSleep | None = None) -> SleepResult:
         """Consolidate the agent's window into S with N passes and clear the window.
 
         Works without holding the agent (turns go on meanwhile): computes, builds the next window, calls ``persist``,
@@ -280,22 +281,23 @@ class TorchEngine(EngineBase[_Live, _Stream]):
             if live.pending and len(live.window) + len(live.pending) <= self.window:
                 self._extend(live, [])  # the waiting token joins this window before it is consolidated
             if not live.window:
-                return SleepResult(agent_id, N, 0, "empty", None, time.perf_counter() - t0)
+                return SleepResult(agent_id, nominal_passes(N), 0, "empty", None, time.perf_counter() - t0)
             frozen, epoch, n = copy_cache(live.cache), live.epoch, len(live.window)
         with torch.no_grad():
-            new_state = self.model.sleep_window(frozen, N)  # passes 2..N over the frozen window's pass-1 features
+            # passes 2..N over the frozen window's pass-1 features (N "auto": until S has converged)
+            new_state, used = sleep_cache(self.model, frozen, N)
         with live.lock:
             self._wait_commit(live)
             if live.epoch != epoch or live.removed:
                 logger.info("sleep of agent %r superseded while it computed; result dropped", agent_id)
-                return SleepResult(agent_id, N, 0, "superseded", None, time.perf_counter() - t0)
+                return SleepResult(agent_id, used, 0, "superseded", None, time.perf_counter() - t0)
             tail = live.window[n:] + live.pending
             memory = self._after_sleep(live, new_state, n, tail)
             live.committing = True  # from here until the swap, the window may only grow
         try:
             with torch.no_grad():
                 nxt = self._open(agent_id, new_state, tail)
-            sid = persist(SleepCommit(agent_id, memory, N, n, "sleep")) if persist is not None else None
+            sid = persist(SleepCommit(agent_id, memory, used, n, "sleep")) if persist is not None else None
         except BaseException:
             with live.lock:
                 live.committing = False
@@ -314,7 +316,7 @@ class TorchEngine(EngineBase[_Live, _Stream]):
             finally:
                 live.committing = False
                 live.cond.notify_all()
-        return SleepResult(agent_id, N, n, None, sid, time.perf_counter() - t0, carried=len(late))
+        return SleepResult(agent_id, used, n, None, sid, time.perf_counter() - t0, carried=len(late))
 
     # ------------------------------------------------------------------ internals (agent lock held)
 
@@ -361,7 +363,7 @@ class TorchEngine(EngineBase[_Live, _Stream]):
         return logits[waited:]
 
     def _feed(
-        self, live: _Live, ids: list[int], passes: int, on_sleep: PersistSleep | None, *, keep: bool
+        self, live: _Live, ids: list[int], passes: Passes, on_sleep: PersistSleep | None, *, keep: bool
     ) -> tuple[list[Tensor], Tensor | None, int]:
         """Take ``ids`` in, sleeping whenever the window is full. Returns (logits pieces if ``keep``, logits of the
         last id, window-full sleeps)."""
@@ -386,7 +388,9 @@ class TorchEngine(EngineBase[_Live, _Stream]):
             pos += min(room, len(ids) - pos)
         return outs, last, sleeps
 
-    def _forced_sleep(self, live: _Live, passes: int, on_sleep: PersistSleep | None, *, taken: int, total: int) -> int:
+    def _forced_sleep(
+        self, live: _Live, passes: Passes, on_sleep: PersistSleep | None, *, taken: int, total: int
+    ) -> int:
         """The window is full and more must go in: sleep now, on the caller's time (the one synchronous sleep).
 
         If a requested sleep is just persisting its result, wait for it instead (it empties the window) and return 0;
@@ -398,19 +402,19 @@ class TorchEngine(EngineBase[_Live, _Stream]):
             return 0
         n = len(live.window)
         try:
-            new_state = self.model.sleep_window(live.cache, passes)
-            self._commit(live, new_state, n, list(live.pending), passes, "window_full", on_sleep, tolerate=True)
+            new_state, used = sleep_cache(self.model, live.cache, passes)
+            self._commit(live, new_state, n, list(live.pending), used, "window_full", on_sleep, tolerate=True)
         except Exception as e:
             raise SleepFailed(
                 f"agent {live.agent_id!r}: the window is full and its sleep failed ({type(e).__name__}: {e}); "
                 f"{taken} of {total} tokens were taken in, the agent keeps its last good state"
             ) from e
-        logger.debug("agent %r slept on a full window (%d tokens, N=%d)", live.agent_id, n, passes)
+        logger.debug("agent %r slept on a full window (%d tokens, N=%d)", live.agent_id, n, used)
         return 1
 
     # -------------------------------------------------------- generation steps (agent lock held)
 
-    def _prefill(self, s: _Stream, passes: int, on_sleep: PersistSleep | None, keep: bool) -> None:
+    def _prefill(self, s: _Stream, passes: Passes, on_sleep: PersistSleep | None, keep: bool) -> None:
         outs, s.last, s.sleeps = self._feed(s.live, s.prompt, passes, on_sleep, keep=keep)
         s.prompt_logits = outs
         if s.sampling.max_new_tokens == 0:
@@ -430,7 +434,7 @@ class TorchEngine(EngineBase[_Live, _Stream]):
             s.live.tokens_seen += 1
             s.done = True
 
-    def _make_room(self, s: _Stream, passes: int, on_sleep: PersistSleep | None) -> None:
+    def _make_room(self, s: _Stream, passes: Passes, on_sleep: PersistSleep | None) -> None:
         live = s.live
         while len(live.window) + len(live.pending) >= self.window:
             s.sleeps += self._forced_sleep(live, passes, on_sleep, taken=len(s.prompt), total=len(s.prompt))

@@ -40,6 +40,7 @@ from typing import Any, Literal
 import torch
 
 from agentsleep.errors import ConfigError, EngineError, InvalidInput, SleepFailed
+from agentsleep.model.adaptive import Passes, cap_passes, nominal_passes, sleep_tokens
 from agentsleep.model.state import FastWeights
 from agentsleep.runtime.base import EngineBase, LiveAgent, Stream
 from agentsleep.runtime.engine import (
@@ -125,7 +126,7 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
         self,
         checkpoint: str | os.PathLike[str],
         *,
-        passes: int | None = None,
+        passes: Passes | None = None,
         sleep_backend: SleepBackend = "torch",
         state_dir: str | os.PathLike[str] | None = None,
         dtype: str = "bfloat16",
@@ -226,7 +227,7 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
         tokens: TokenIds,
         *,
         return_logits: bool = False,
-        passes: int | None = None,
+        passes: Passes | None = None,
         on_sleep: PersistSleep | None = None,
     ) -> ObserveResult:
         """Append tokens to the agent's window, sleeping whenever it is full (as `TorchEngine.observe`).
@@ -253,7 +254,7 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
         *,
         generator: torch.Generator | None = None,
         return_logits: bool = False,
-        passes: int | None = None,
+        passes: Passes | None = None,
         on_sleep: PersistSleep | None = None,
     ) -> Generation:
         """Take the prompt in and generate (as `TorchEngine.generate`); one vLLM request per window touched."""
@@ -265,7 +266,7 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
         requests: Sequence[GenerateRequest],
         *,
         return_logits: bool = False,
-        passes: int | None = None,
+        passes: Passes | None = None,
         on_sleep: PersistSleep | None = None,
     ) -> list[Generation]:
         """`generate` for several agents at once: every round submits one request per unfinished agent to vLLM,
@@ -285,7 +286,7 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
 
     # ------------------------------------------------------------------ sleep
 
-    def sleep(self, agent_id: str, passes: int | None = None, *, persist: PersistSleep | None = None) -> SleepResult:
+    def sleep(self, agent_id: str, passes: Passes | None = None, *, persist: PersistSleep | None = None) -> SleepResult:
         """Consolidate the window into S with N passes and clear it (as `TorchEngine.sleep`: computed without
         holding the agent, committed atomically after ``persist``; on any failure the agent is unchanged)."""
         N = self._check_passes(passes, self._passes)
@@ -297,16 +298,16 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
                 agent.window += agent.pending  # the waiting token joins this window before it is consolidated
                 agent.pending = []
             if not agent.window:
-                return SleepResult(agent_id, N, 0, "empty", None, time.perf_counter() - t0)
+                return SleepResult(agent_id, nominal_passes(N), 0, "empty", None, time.perf_counter() - t0)
             state, window, epoch, state_id = agent.state, list(agent.window), agent.epoch, agent.state_id
-        new_state = self._sleep_state(agent_id, state, state_id, window, N)
+        new_state, used = self._sleep_state(agent_id, state, state_id, window, N)
         with agent.lock:
             if agent.epoch != epoch or agent.removed:
                 logger.info("sleep of agent %r superseded while it computed; result dropped", agent_id)
-                return SleepResult(agent_id, N, 0, "superseded", None, time.perf_counter() - t0)
+                return SleepResult(agent_id, used, 0, "superseded", None, time.perf_counter() - t0)
             tail = agent.window[len(window) :] + agent.pending
-            sid = self._commit(agent, new_state, len(window), tail, N, "sleep", persist, tolerate=False)
-        return SleepResult(agent_id, N, len(window), None, sid, time.perf_counter() - t0, carried=len(tail))
+            sid = self._commit(agent, new_state, len(window), tail, used, "sleep", persist, tolerate=False)
+        return SleepResult(agent_id, used, len(window), None, sid, time.perf_counter() - t0, carried=len(tail))
 
     def flush(self) -> None:
         """Step the engine until every sleep copy-out (``sleep_backend="vllm"``) is saved: offline `vllm.LLM` stops
@@ -352,7 +353,7 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
         self._states.prune(agent_id, keep=_STATE_KEEP)
         return rec.id
 
-    def _feed(self, agent: _Agent, ids: list[int], passes: int, on_sleep: PersistSleep | None) -> int:
+    def _feed(self, agent: _Agent, ids: list[int], passes: Passes, on_sleep: PersistSleep | None) -> int:
         """Append ``ids``, sleeping whenever the window is full (`TorchEngine._feed`'s rule). Returns the sleeps."""
         L = self.window
         sleeps = 0
@@ -374,7 +375,7 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
             pos += room
         return sleeps
 
-    def _make_room(self, s: _Stream, passes: int, on_sleep: PersistSleep | None) -> None:
+    def _make_room(self, s: _Stream, passes: Passes, on_sleep: PersistSleep | None) -> None:
         """Before a decode round: a full window sleeps first, and the token sampled from its last slot (``s.new[-1]``,
         never fed yet) opens the new window."""
         agent = s.live
@@ -385,11 +386,11 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
             agent.window.append(s.new[-1])
             agent.tokens_seen += 1
 
-    def _forced_sleep(self, agent: _Agent, passes: int, on_sleep: PersistSleep | None) -> None:
+    def _forced_sleep(self, agent: _Agent, passes: Passes, on_sleep: PersistSleep | None) -> None:
         n = len(agent.window)
         try:
-            new_state = self._sleep_state(agent.agent_id, agent.state, agent.state_id, list(agent.window), passes)
-            self._commit(agent, new_state, n, list(agent.pending), passes, "window_full", on_sleep, tolerate=True)
+            new_state, used = self._sleep_state(agent.agent_id, agent.state, agent.state_id, list(agent.window), passes)
+            self._commit(agent, new_state, n, list(agent.pending), used, "window_full", on_sleep, tolerate=True)
         except Exception as e:
             raise SleepFailed(
                 f"agent {agent.agent_id!r}: the window is full and its sleep failed ({type(e).__name__}: {e}); the "
@@ -397,14 +398,16 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
             ) from e
 
     def _sleep_state(
-        self, agent_id: str, state: FastWeights, state_id: str | None, window: list[int], passes: int
-    ) -> FastWeights:
-        """S after ``passes`` passes over ``[BOS] + window`` from ``state``."""
-        if self.sleep_backend == "vllm" and passes == 1:
+        self, agent_id: str, state: FastWeights, state_id: str | None, window: list[int], passes: Passes
+    ) -> tuple[FastWeights, int]:
+        """(S after ``passes`` passes over ``[BOS] + window`` from ``state``, passes used); "auto" stops once S has
+        converged (`agentsleep.model.adaptive`, the same code as `TorchEngine`'s)."""
+        if self.sleep_backend == "vllm" and cap_passes(passes, 1) == passes:  # one pass, fixed or adaptive
             key = state_key(state) if state_id is not None else None
-            return self._sleep_on_vllm(agent_id, state_id, key, window)
+            return self._sleep_on_vllm(agent_id, state_id, key, window), 1
         tokens = torch.tensor([window], dtype=torch.long, device=self.model.device)
-        return self.model.sleep(tokens, state.to(self.model.device), passes).to("cpu")
+        new_state, used = sleep_tokens(self.model, tokens, state.to(self.model.device), passes)
+        return new_state.to("cpu"), used
 
     def _sleep_on_vllm(self, agent_id: str, state_id: str | None, key: str | None, window: list[int]) -> FastWeights:
         """One pass on vLLM: prefill ``[BOS] + window`` and let the connector copy S out of the pages."""

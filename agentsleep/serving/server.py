@@ -270,10 +270,10 @@ class AgentMemoryMiddleware:
             else self._pool
         )
         logger.info(
-            "agent memory on %s (L=%d, N=%d, store %s%s)",
+            "agent memory on %s (L=%d, N=%s, store %s%s)",
             settings.checkpoint,
             model.config.window,
-            policy.passes,
+            policy.sleep_passes,
             store.url,
             ", stateless requests allowed" if settings.allow_stateless else "",
         )

@@ -28,6 +28,7 @@ import torch
 from agentsleep.errors import InvalidInput, SleepFailed, SnapshotConflict, UnknownAgent, WindowOverflow
 from agentsleep.memory.policy import SleepPolicy
 from agentsleep.memory.scheduler import SleepOutcome, SleepRequest, SleepScheduler
+from agentsleep.model.adaptive import sleep_tokens
 from agentsleep.model.hybrid import SleepHybrid
 from agentsleep.model.state import FastWeights
 from agentsleep.runtime.engine import check_token_ids
@@ -391,7 +392,9 @@ class AgentTurns:
             n = min(len(window), self.L)  # a window of L + 1 holds one waiting reply token: it opens the next one
             tokens = torch.tensor([window[:n]], dtype=torch.long, device=self.model.device)
             with torch.no_grad():
-                state = self.model.sleep(tokens, mem.state.to(self.model.device), request.passes).to("cpu")
+                # request.passes: N, or AutoPasses (until S has converged; the engines' code, agentsleep.model.adaptive)
+                state, used = sleep_tokens(self.model, tokens, mem.state.to(self.model.device), request.passes)
+                state = state.to("cpu")
             meta = {"engine": "vllm-server", "sleep_count": mem.counter("sleep_count") + 1,
                     "tokens_seen": mem.counter("tokens_seen")}  # fmt: skip
             try:
@@ -400,7 +403,7 @@ class AgentTurns:
                     state,
                     window[n:],
                     reason="sleep",
-                    passes=request.passes,
+                    passes=used,
                     tokens_consolidated=mem.record.tokens_consolidated + n,
                     metadata=meta,
                     expect_current=mem.record.id,
@@ -409,8 +412,8 @@ class AgentTurns:
                 self.resident.pop(agent_id)
                 raise
             self.resident.put(agent_id, Memory(rec, state, tuple(window[n:]), state_key(state)))
-        logger.info("agent %r slept: %d tokens, N=%d -> snapshot %s", agent_id, n, request.passes, rec.id)
-        return SleepOutcome(snapshot_id=rec.id, passes=request.passes, tokens=n)
+        logger.info("agent %r slept: %d tokens, N=%d -> snapshot %s", agent_id, n, used, rec.id)
+        return SleepOutcome(snapshot_id=rec.id, passes=used, tokens=n)
 
 
 __all__ = ["DEFAULT_MAX_TOKENS", "UNSUPPORTED", "AgentTurns", "Memory", "Turn", "input_digest"]

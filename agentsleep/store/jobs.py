@@ -107,7 +107,7 @@ def _deferrer() -> procrastinate.App:
     return procrastinate.App(connector=procrastinate.PsycopgConnector())
 
 
-def defer_sleep(s: Session, agent_id: str, fingerprint: str, passes: int | None) -> tuple[int, bool]:
+def defer_sleep(s: Session, agent_id: str, fingerprint: str, passes: int | dict[str, Any] | None) -> tuple[int, bool]:
     """Queue a sleep of ``agent_id`` in the session's transaction; (job id, True) if a new job was queued,
     (id of the job already waiting, False) if one waits for this agent."""
     from procrastinate.exceptions import AlreadyEnqueued
@@ -159,7 +159,7 @@ def list_sleep_jobs(s: Session, agent_id: str | None = None) -> list[SleepJobRec
                 id=int(r["id"]),
                 agent_id=agent_of_lock(r["lock"]) or str(args.get("agent_id", "")),
                 status=r["status"],
-                passes=passes if isinstance(passes, int) else None,
+                passes=passes if isinstance(passes, int | dict) else None,
                 attempts=int(r["attempts"]),
                 queue=r["queue_name"],
                 worker_id=r["worker_id"],

@@ -113,14 +113,15 @@ JobStatus = Literal["todo", "doing", "succeeded", "failed", "cancelled", "aborti
 class SleepJobRecord:
     """A sleep job in procrastinate's queue (see `SnapshotStore.enqueue_sleep`).
 
-    ``passes`` is the job's N (None: the worker's default); ``attempts`` counts finished attempts (retries and
-    recoveries of a dead worker's job included); ``worker_id`` is procrastinate's id of the worker running it.
+    ``passes`` is the job's N (None: the worker's default; a dict: adaptive depth, ``{"auto": true, ...}``);
+    ``attempts`` counts finished attempts (retries and recoveries of a dead worker's job included); ``worker_id`` is
+    procrastinate's id of the worker running it.
     """
 
     id: int
     agent_id: str
     status: JobStatus
-    passes: int | None
+    passes: int | dict[str, Any] | None
     attempts: int
     queue: str
     worker_id: int | None = None

@@ -46,6 +46,7 @@ from agentsleep.errors import (
     UnsupportedBackend,
 )
 from agentsleep.ids import DEFAULT_TENANT, TENANT_SEP, agent_key, check_agent_id, check_id, check_tenant
+from agentsleep.model.adaptive import Passes, check_passes, passes_to_json
 from agentsleep.model.fingerprint import accepts, mismatch
 from agentsleep.model.state import FastWeights
 from agentsleep.store import jobs
@@ -955,12 +956,13 @@ class SnapshotStore:
                 f"queue); this store is {self.dialect}. With SQLite, AgentHost sleeps its agents itself, in process"
             )
 
-    def enqueue_sleep(self, agent_id: str, *, passes: int | None = None) -> SleepJobRecord:
+    def enqueue_sleep(self, agent_id: str, *, passes: Passes | dict[str, Any] | None = None) -> SleepJobRecord:
         """Queue a sleep (consolidation) of an agent for the sleep workers (`agentsleep sleep-worker`).
 
         At most one sleep waits per agent: if one is already waiting, that one is returned (a sleep consolidates
         whatever window the agent has when it runs, so the waiting job already is the requested work). One agent's
-        sleeps never run at once. ``passes``: N for this job (default: the worker's).
+        sleeps never run at once. ``passes``: N for this job (default: the worker's), or adaptive depth (`AutoPasses`,
+        or its JSON form ``{"auto": true, "max_passes": 8, "tol": 0.05}``), stored in the job as JSON.
 
         Raises:
             UnsupportedBackend: a SQLite store (no workers there; the host sleeps its agents in process).
@@ -968,8 +970,11 @@ class SnapshotStore:
             StoreError: the database failed, or procrastinate's schema is missing (opened with ``migrate=False``).
         """
         key = self._key(agent_id)
+        depth = None
         if passes is not None:
-            check_int("passes", passes, 1, INT32_MAX)
+            depth = passes_to_json(check_passes(passes))
+            if isinstance(depth, int):
+                check_int("passes", depth, 1, INT32_MAX)
         self._require_queue()
         with self._write() as s:
             agent = s.get(Agent, key)
@@ -977,7 +982,7 @@ class SnapshotStore:
                 raise UnknownAgent(f"no agent {agent_id!r} in the snapshot store")
             if not jobs.has_procrastinate_schema(s.connection()):
                 raise StoreError("this database has no sleep-job queue (procrastinate's schema); open it with migrate")
-            job_id, created = jobs.defer_sleep(s, key, agent.fingerprint, passes)
+            job_id, created = jobs.defer_sleep(s, key, agent.fingerprint, depth)
             (job,) = [j for j in self._jobs(s, key) if j.id == job_id]
         log.info("sleep of agent %r %s as job %d", agent_id, "queued" if created else "already waiting", job_id)
         return job

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -226,3 +227,18 @@ def alive(pid: int) -> bool:
         return False
     state = next((line.split()[1] for line in status.splitlines() if line.startswith("State:")), "X")
     return state not in ("Z", "X")
+
+
+def stop_between(model: SleepHybrid, state: object, window: list[int], max_passes: int = 6) -> tuple[object, int]:
+    """(AutoPasses, N): a tolerance at which the adaptive sleep of ``window`` from ``state`` stops strictly between 2
+    and ``max_passes`` passes (a midpoint between two measured changes, so rounding cannot move the stop)."""
+    from agentsleep.model.adaptive import AutoPasses, sleep_adaptive
+
+    x = torch.tensor([window])
+    deltas = [float(d) for d in sleep_adaptive(model, x, state, max_passes=max_passes, tol=0.0).deltas]
+    ds = sorted(deltas)
+    for tol in sorted((a + b) / 2 for a, b in itertools.pairwise(ds) if b - a > 1e-4 * b):
+        used = next((j for j, d in enumerate(deltas, start=2) if d < tol), max_passes)
+        if 2 < used < max_passes:
+            return AutoPasses(max_passes, tol), used
+    raise AssertionError(f"no tolerance stops between 2 and {max_passes} passes (changes {deltas})")

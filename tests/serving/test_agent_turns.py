@@ -21,7 +21,7 @@ from agentsleep.serving.server import http_error
 from agentsleep.serving.turns import AgentTurns, Turn
 from agentsleep.store import SnapshotStore
 
-from .helpers import BOS, WINDOW, make_model, make_tokenizer, noise_state, rand_tokens
+from .helpers import BOS, WINDOW, make_model, make_tokenizer, noise_state, rand_tokens, stop_between
 
 
 @pytest.fixture()
@@ -68,6 +68,26 @@ def test_composes_one_window_and_sleeps_when_needed(turns: AgentTurns) -> None:
     assert slept.reason == "sleep" and slept.parent_id == before.record.id and len(turn.body["prompt"]) == 21
     want = turns.model.sleep(torch.tensor([before.window]), before.state, 2)
     assert turns.store.load(slept.id).state.allclose(want)
+
+
+def test_an_auto_policy_sleeps_until_s_has_converged(tmp_path: Path) -> None:
+    """passes="auto" on the server: the sleep job stops where the engines' adaptive sleep stops, and saves that N."""
+    model = make_model()
+    S, window = noise_state(model, seed=5), rand_tokens(20, 9)
+    auto, used = stop_between(model, S, window)
+    store = SnapshotStore(f"sqlite:///{tmp_path / 'auto.db'}")
+    policy = SleepPolicy(window=WINDOW, passes="auto", max_passes=auto.max_passes, tol=auto.tol, debounce_seconds=0.0)
+    turns = AgentTurns(model, store, TextCodec(make_tokenizer()), policy)
+    try:
+        before = store.save("z", S, window, reason="manual")
+        turn, _ = _serve(turns, {"agent_id": "z"}, rand_tokens(15, 10), 4)  # 20 + 19 > L + 1: a sleep first
+        slept = store.get(turn.base.record.id)
+        assert (slept.reason, slept.parent_id, slept.passes) == ("sleep", before.id, used)
+        want = model.sleep(torch.tensor([window]), S, used)
+        assert store.load(slept.id).state.allclose(want)
+        assert not store.load(slept.id).state.allclose(model.sleep(torch.tensor([window]), S, auto.max_passes))
+    finally:
+        turns.close()
 
 
 def test_memory_stays_resident_until_another_writer_moves_the_agent(turns: AgentTurns) -> None:

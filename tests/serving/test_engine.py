@@ -11,7 +11,7 @@ from agentsleep.model.state import FastWeights
 from agentsleep.runtime import AgentMemory, Engine, GenerateRequest, SamplingParams, TorchEngine, save_memory
 from agentsleep.store import SnapshotStore
 
-from .helpers import WINDOW, explained_by_rounding, make_model, noise_state, rand_tokens
+from .helpers import WINDOW, explained_by_rounding, make_model, noise_state, rand_tokens, stop_between
 
 pytestmark = pytest.mark.vllm
 
@@ -95,6 +95,17 @@ def test_sleep_on_both_backends(engine, torch_engine) -> None:
     for got, want in zip(engine.export_state("sleep-v").state.ssm, torch_engine.export_state("sleep-ref").state.ssm):
         assert (got - want).abs().max() <= 0.05 * want.abs().max()
     assert engine.sleep("sleep-t").skipped == "empty"
+
+
+def test_adaptive_sleep_is_the_torch_engines(engine, torch_engine) -> None:
+    """passes="auto" on the vLLM engine: the same stop and the same S as TorchEngine's adaptive sleep."""
+    state, window = noise_state(engine.model, seed=13), rand_tokens(25, 410)
+    auto, used = stop_between(engine.model, state, window)
+    engine.import_state("auto-v", AgentMemory(state=state, window=tuple(window)))
+    torch_engine.import_state("auto-t", AgentMemory(state=state, window=tuple(window)))
+    got, want = engine.sleep("auto-v", passes=auto), torch_engine.sleep("auto-t", passes=auto)
+    assert got.passes == want.passes == used and got.tokens == want.tokens == 25
+    assert engine.export_state("auto-v").state.allclose(torch_engine.export_state("auto-t").state, 1e-4, 1e-4)
 
 
 def test_checkpoint_and_revive_through_a_store(engine, tmp_path) -> None:

@@ -286,7 +286,7 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
                     self.model = model
                     self._codec = model.codec
                 return
-            policy = self.policy or SleepPolicy(window=engine.window, passes=engine.passes)
+            policy = self.policy or SleepPolicy.with_depth(engine.window, engine.passes)
             if policy.window > engine.window:
                 raise ConfigError(
                     f"policy.window={policy.window} exceeds the model's window L={engine.window}; use at most L"
@@ -371,7 +371,7 @@ class SleepMemory(AgentMiddleware[SleepState[ResponseT], ContextT, ResponseT]):
                 agent_id,
                 memory,
                 reason=reason,
-                passes=self.policy.passes,
+                passes=self.policy.nominal_passes,
                 metadata=meta,
                 thread_id=book.thread_id,
                 expect_current=expect,

@@ -155,3 +155,27 @@ def test_policy_must_fit_the_bound_model(checkpoint: Path) -> None:
     model = ChatSleepHybrid(model=str(checkpoint))
     with pytest.raises(ConfigError, match="exceeds"):
         SleepMemory(model, store=None, policy=SleepPolicy(window=500, passes=2))
+
+
+def test_an_adaptive_engine_gives_an_adaptive_default_policy_and_its_sleeps_are_saved(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    """An engine whose default depth is "auto" (issue 17): the bound memory sleeps adaptively and its snapshots record
+    a whole number of passes (the store takes ints), instead of failing the first save."""
+    from agentsleep.model.adaptive import AutoPasses
+    from agentsleep.runtime import TorchEngine
+
+    engine = TorchEngine.from_pretrained(checkpoint, passes=AutoPasses(max_passes=3, tol=0.05))
+    model = ChatSleepHybrid(engine=engine, max_tokens=8)
+    store = SnapshotStore(f"sqlite:///{tmp_path / 'auto.db'}")
+    memory = SleepMemory(store=store)
+    agent = create_agent(model, system_prompt="you remember", middleware=[memory], checkpointer=InMemorySaver())
+    for t in range(8):
+        agent.invoke({"messages": [("user", user_text(t))]}, cfg("auto"))
+        memory.flush()
+    assert memory.policy is not None and memory.policy.passes == "auto" and memory.policy.max_passes == 3
+    assert agent.get_state(cfg("auto")).values["sleep_count"] >= 1
+    memory.snapshot("auto")  # a manual snapshot records the policy's nominal depth
+    records = store.history("auto")
+    assert records and all(isinstance(r.passes, int) and 1 <= r.passes <= 3 for r in records)
+    memory.close()
