@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from agentsleep.train.cli import parse_curriculum, parse_overrides
-from agentsleep.train.trainer import TrainConfig, load_log, make_task
+from agentsleep.train.trainer import TrainConfig, load_log, make_task, passes_label
 
 log = logging.getLogger("evals.model")
 
@@ -76,8 +76,8 @@ class Run:
 
 
 def _same_config(out: Path, cfg: TrainConfig) -> bool:
-    p = out / "train_config.json"
-    return p.is_file() and json.loads(p.read_text()) == json.loads(cfg.model_dump_json())
+    p = out / "train_config.json"  # fields added since a run finished take their defaults
+    return p.is_file() and TrainConfig.model_validate_json(p.read_text()).model_dump() == cfg.model_dump()
 
 
 # ---------------------------------------------------------------------------------------------------- planning
@@ -87,13 +87,29 @@ def variants(args: argparse.Namespace, base_layout: str) -> list[Variant]:
     out = []
     for n in args.passes:
         scale = args.lr_scale.get(n, 1.0)
-        ov = {"lr_muon": args.lr_muon * scale, "lr_adamw": args.lr_adamw * scale}
+        ov: dict[str, Any] = {"lr_muon": args.lr_muon * scale, "lr_adamw": args.lr_adamw * scale}
+        if args.eval_passes:
+            ov["eval_passes"] = args.eval_passes
+        if args.passes_dist != "fixed" and n > args.passes_min:  # sampled N: n is N_max
+            ov.update(
+                passes_dist=args.passes_dist,
+                passes_min=args.passes_min,
+                passes_mean=args.passes_mean,
+                passes_per=args.passes_per,
+            )
+            label = passes_label(TrainConfig(passes=n, **{k: v for k, v in ov.items() if k.startswith("passes_")}))
+            out.append(Variant(f"n{n}-{args.passes_dist}", f"sleep N~{label}", n, ov))
+            continue
         out.append(Variant(f"n{n}", f"sleep N={n}", n, ov))
     if args.baselines:
         task = make_task(TrainConfig(task=args.task, preset=args.preset, task_overrides=args.task_set))
         attn = "a" * len(base_layout)
         lr = {"lr_muon": args.lr_muon, "lr_adamw": args.lr_adamw}
-        out += [
+        if (
+            args.baseline_curriculum is not None
+        ):  # e.g. a longer k = 1 stage: a stronger upper bound, said in the report
+            lr["curriculum"] = args.baseline_curriculum
+        base = [
             Variant(
                 "attn_full",
                 "full attention, whole cache (upper bound)",
@@ -104,6 +120,7 @@ def variants(args: argparse.Namespace, base_layout: str) -> list[Variant]:
             Variant("attn_evict", "full attention, hard eviction", 1, {**lr, "model": {"layout": attn}}, True),
             Variant("hybrid_2x", "hybrid 2x depth, N=1", 1, {**lr, "model": {"layout": base_layout * 2}}, True),
         ]
+        out += [v for v in base if v.key in args.baseline_kinds]
     return out
 
 
@@ -299,6 +316,7 @@ def markdown(args: argparse.Namespace, data: dict[str, Any], command: str) -> st
         f"({os.cpu_count()} CPUs, shared; one thread per run). Training: {args.steps} steps x batch {args.batch_size}"
         + (f", curriculum `{args.curriculum_text}`" if args.curriculum else "")
         + (f", N>1 warm-started from the shared N=1 model at step {args.warm_start}" if args.warm_start else "")
+        + (f"; baselines: curriculum `{args.baseline_curriculum_text}`" if args.baseline_curriculum is not None else "")
         + ".",
         "",
         "## Equal training tokens (the paper's comparison), with equal wall time beside it",
@@ -427,16 +445,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="toy")
     p.add_argument("--set", dest="task_set", action="append", default=[], help="task knob KEY=VALUE")
     p.add_argument("--model", dest="model_set", action="append", default=[], help="HybridConfig KEY=VALUE")
-    p.add_argument("--passes", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--passes", type=int, nargs="*", default=[1, 2, 4], help="sleep variants (none: baselines only)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--baselines", action="store_true", help="add the three baselines (see module docstring)")
     p.add_argument("--baseline-seeds", type=int, nargs="+", default=None, help="default: the first seed")
+    p.add_argument(
+        "--baseline-kinds",
+        nargs="+",
+        default=["attn_full", "attn_evict", "hybrid_2x"],
+        choices=["attn_full", "attn_evict", "hybrid_2x"],
+        help="which baselines --baselines adds",
+    )
+    p.add_argument(
+        "--baseline-curriculum", default=None, help="the baselines' own curriculum (default: the sleep variants')"
+    )
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--optimizer", default="muon", choices=["muon", "adamw"])
     p.add_argument("--lr-muon", type=float, default=2e-3)
     p.add_argument("--lr-adamw", type=float, default=2e-3)
     p.add_argument("--lr-scale", nargs="*", default=[], help="per-N LR multipliers, e.g. 4=0.5")
+    p.add_argument(
+        "--passes-dist",
+        default="fixed",
+        choices=["fixed", "uniform", "lognormal_poisson"],
+        help="sampled-N training: every --passes value is N_max of a draw over passes-min..N_max",
+    )
+    p.add_argument("--passes-min", type=int, default=1)
+    p.add_argument("--passes-mean", type=float, default=None, help="lognormal_poisson: mean N")
+    p.add_argument("--passes-per", default="window", choices=["window", "step"])
+    p.add_argument("--eval-passes", type=int, nargs="*", default=[], help="also score sleep variants at these N")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--curriculum", default=None, help='e.g. "0:t=1;300:t=2;600:" (identical for every variant)')
@@ -464,6 +502,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.model_set = parse_overrides(args.model_set)
     args.curriculum_text = args.curriculum
     args.curriculum = parse_curriculum(args.curriculum)
+    args.baseline_curriculum_text = args.baseline_curriculum
+    if args.baseline_curriculum is not None:
+        args.baseline_curriculum = parse_curriculum(args.baseline_curriculum)
     args.lr_scale = _pairs(args.lr_scale)
     args.baseline_seeds = args.baseline_seeds or args.seeds[:1]
     args.difficulty_label = ", ".join(f"{k}={v}" for k, v in args.task_set.items()) or args.preset

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Retrain every shipped checkpoint under checkpoints/ from scratch (2 CPU cores: about 2.5 hours in all).
 #
-#   scripts/train_checkpoints.sh [rule110|depo|gsm ...]     (default: all three)
+#   scripts/train_checkpoints.sh [rule110|depo|gsm|anyn ...]     (default: all four)
 #
 # Runs go to runs/ (git-ignored); the finished directories are copied to checkpoints/. Every run is seeded and its data
 # order is a function of (seed, step), so a rerun reproduces the shipped weights up to floating-point non-determinism
@@ -56,11 +56,23 @@ gsm() {  # question last and first: N=1 for 500 steps, then N=1 and N=2 both con
   ship runs/checkpoints/gsm-qlast-attn-full gsm-qlast-attn-full
 }
 
-for what in "${@:-rule110 depo gsm}"; do
+anyn() {  # one model for every sleep depth (issue 17): N ~ U{1..8} per window, the fixed-N recipes otherwise
+  # evals/results/{rule110_w16_t2,depo_micro}_anyN{,_vs_n,_adaptive}.md; ships seed 0 of each
+  $PY -m evals.model --task rule110 --set W=16 --set t=2 --model layout=ag --passes 8 --passes-dist uniform \
+    --eval-passes 1 2 4 8 --seeds 0 1 2 --curriculum '0:t=1;300:' --steps 900 --batch-size 32 --eval-every 100 \
+    --eval-size 512 --final-eval-size 4096 --save-every 300 --jobs 2 --name rule110_w16_t2_anyN
+  $PY -m evals.model --task depo --preset micro --model layout=ag --passes 8 --passes-dist uniform \
+    --eval-passes 1 2 4 8 --seeds 0 1 2 --curriculum '0:K=1;300:' --steps 5000 --batch-size 32 --eval-every 250 \
+    --eval-size 256 --final-eval-size 2000 --save-every 1000 --jobs 2 --name depo_micro_anyN
+  ship runs/evals/rule110_w16_t2_anyN/n8-uniform-s0 rule110-w16-t2-anyN
+  ship runs/evals/depo_micro_anyN/n8-uniform-s0 depo-micro-anyN
+}
+
+for what in "${@:-rule110 depo gsm anyn}"; do
   for w in $what; do
     case $w in
-      rule110 | depo | gsm) $w ;;
-      *) echo "unknown checkpoint family $w (rule110, depo, gsm)" >&2; exit 2 ;;
+      rule110 | depo | gsm | anyn) $w ;;
+      *) echo "unknown checkpoint family $w (rule110, depo, gsm, anyn)" >&2; exit 2 ;;
     esac
   done
 done

@@ -123,6 +123,9 @@ PRESETS: dict[str, DepoConfig] = {
     # 2-core CPU scale that learns within minutes (evals/results/depo_micro*.md): 8 one-token names from 12, the
     # cycle fills one window and the 4 queries the next, so every query is asked after its cycle was evicted.
     "micro": DepoConfig(n_max=8, K=4, M=4, mini_vocab=12, min_len=1, max_len=1, block=16, qa_block=16, L=16),
+    # One step above micro (issue 17: k up to 8): a 16-node cycle of one-token names from 24 fills one window of 32,
+    # then 8 questions with k ~ U{1..8} fill the next; test k in {1, 2, 4, 8} (k = 8 is half-way round the cycle).
+    "mini": DepoConfig(n_max=16, K=8, M=8, mini_vocab=24, min_len=1, max_len=1, block=32, qa_block=32, L=32),
 }
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from agentsleep.errors import InvalidInput
+from agentsleep.errors import AgentSleepError, InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,27 @@ def parse_curriculum(text: str | None) -> list[tuple[int, dict[str, Any]]]:
 @click.option("--preset", default="toy", show_default=True, help="Task preset.")
 @click.option("--set", "task_set", multiple=True, help="Task knob, e.g. --set W=16 --set t=8.")
 @click.option("--model", "model_set", multiple=True, help="HybridConfig override, e.g. --model layout=agag.")
-@click.option("--passes", "-N", default=1, show_default=True, help="Sleep passes N over label-free windows.")
+@click.option(
+    "--passes", "-N", default=1, show_default=True, help="Sleep passes N over label-free windows (N_max if sampled)."
+)
+@click.option(
+    "--passes-dist",
+    type=click.Choice(["fixed", "uniform", "lognormal-poisson"]),
+    default="fixed",
+    show_default=True,
+    help="Sampled-N training: draw N per window from U{passes-min..N} or Geiping et al.'s log-normal Poisson.",
+)
+@click.option("--passes-min", default=1, show_default=True, help="Smallest N drawn by --passes-dist.")
+@click.option("--passes-mean", type=float, default=None, help="lognormal-poisson: mean N [(min + N) / 2].")
+@click.option("--passes-sigma", default=0.5, show_default=True, help="lognormal-poisson: sigma of log lambda.")
+@click.option(
+    "--passes-per",
+    type=click.Choice(["window", "step"]),
+    default="window",
+    show_default=True,
+    help="One N draw per label-free window, or one per step.",
+)
+@click.option("--eval-passes", multiple=True, type=int, help="Also score the final model at this N (repeatable).")
 @click.option("--steps", default=2000, show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--optimizer", type=click.Choice(["muon", "adamw"]), default="muon", show_default=True)
@@ -98,10 +119,34 @@ def train(ctx: click.Context, **opts: Any) -> None:
     config.json, model.safetensors, tokenizer.json, train_config.json, eval.json, log.jsonl.
 
     Example: agentsleep train --task rule110 --set W=16 --set t=8 --passes 4 --steps 3000 --out runs/r110-n4
+
+    Sampled N (one model for every sleep depth): --passes 8 --passes-dist uniform draws N ~ U{1..8} per window.
     """
     from agentsleep.train.trainer import TrainConfig
     from agentsleep.train.trainer import train as run
 
+    try:
+        cfg = TrainConfig(**_fields(ctx, opts))
+        result = run(cfg, opts["out"], resume=not opts["no_resume"], progress=opts["progress"])
+    except (AgentSleepError, ValueError, OSError) as e:  # pydantic's ValidationError is a ValueError
+        click.echo("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), err=True)
+        sys.exit(2)
+    scores = {k: round(v, 4) for k, v in result["eval"].items() if isinstance(v, float)}
+    click.echo(
+        json.dumps(
+            {
+                "out": opts["out"],
+                "step": result["step"],
+                "tokens": result["tokens"],
+                "wall_s": round(result["wall"], 1),
+                "eval": scores,
+            }
+        )
+    )
+
+
+def _fields(ctx: click.Context, opts: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig fields: the --config file (if any), overridden by every option given explicitly."""
     explicit = {k for k in opts if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
     fields: dict[str, Any] = {}
     if opts["config_file"]:
@@ -113,6 +158,12 @@ def train(ctx: click.Context, **opts: Any) -> None:
         "model": parse_overrides(opts["model_set"]),
         "curriculum": parse_curriculum(opts["curriculum"]),
         "passes": opts["passes"],
+        "passes_dist": opts["passes_dist"].replace("-", "_"),
+        "passes_min": opts["passes_min"],
+        "passes_mean": opts["passes_mean"],
+        "passes_sigma": opts["passes_sigma"],
+        "passes_per": opts["passes_per"],
+        "eval_passes": list(opts["eval_passes"]),
         "steps": opts["steps"],
         "batch_size": opts["batch_size"],
         "optimizer": opts["optimizer"],
@@ -145,17 +196,4 @@ def train(ctx: click.Context, **opts: Any) -> None:
     for key, val in mapping.items():
         if not opts["config_file"] or option_of.get(key, key) in explicit or key not in fields:
             fields[key] = val
-    cfg = TrainConfig(**fields)
-    result = run(cfg, opts["out"], resume=not opts["no_resume"], progress=opts["progress"])
-    scores = {k: round(v, 4) for k, v in result["eval"].items() if isinstance(v, float)}
-    click.echo(
-        json.dumps(
-            {
-                "out": opts["out"],
-                "step": result["step"],
-                "tokens": result["tokens"],
-                "wall_s": round(result["wall"], 1),
-                "eval": scores,
-            }
-        )
-    )
+    return fields

@@ -14,10 +14,12 @@ from typing import Any
 
 import click
 
-from agentsleep.errors import AgentSleepError, CheckpointError
+from agentsleep.errors import AgentSleepError, CheckpointError, InvalidInput
 from agentsleep.tasks import TASKS, Task
 
 EXIT_USAGE = 2
+AUTO = "auto"
+DEFAULT_TOL = 0.05  # relative change of S between passes; docs/training.md (adaptive sleep) for how it was chosen
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -58,9 +60,22 @@ def checkpoint_task(path: str | Path, *, config: dict[str, Any] | None = None, *
 
 
 def score_checkpoint(
-    path: str | Path, passes: list[int] | None = None, *, size: int = 2048, seed: int = 0, **overrides: Any
-) -> dict[int, dict[str, float]]:
-    """Held-out scores of the checkpoint per N (default: the checkpoint's own N)."""
+    path: str | Path,
+    passes: list[int | str] | None = None,
+    *,
+    size: int = 2048,
+    seed: int = 0,
+    max_passes: int | None = None,
+    tol: float = DEFAULT_TOL,
+    criterion: str = "state",
+    **overrides: Any,
+) -> dict[int | str, dict[str, float]]:
+    """Held-out scores of the checkpoint per N (default: the checkpoint's own N).
+
+    ``passes`` may hold ``"auto"``: adaptive sleep (`agentsleep.model.adaptive`) with at most ``max_passes`` passes
+    (default: the checkpoint's N) and stopping rule ``criterion < tol``; its scores add ``mean_passes``.
+    """
+    from agentsleep.model.adaptive import AutoPasses
     from agentsleep.model.hybrid import SleepHybrid
     from agentsleep.train.trainer import evaluate
 
@@ -69,29 +84,89 @@ def score_checkpoint(
     if task.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{path}: task vocabulary {task.vocab_size} > model vocabulary")
     batch = task.generate("test", size, seed)
-    return {n: evaluate(model, task, batch, n) for n in (passes or [model.config.passes])}
+    out: dict[int | str, dict[str, float]] = {}
+    for n in passes or [model.config.passes]:
+        if n == AUTO:
+            spec = AutoPasses(max_passes or model.config.passes, tol, criterion)  # type: ignore[arg-type]
+            out[AUTO] = evaluate(model, task, batch, spec)
+        elif isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+            out[n] = evaluate(model, task, batch, n)
+        else:
+            raise InvalidInput(f"passes must be integers ≥ 1 or {AUTO!r}, got {n!r}")
+    return out
+
+
+class PassesParam(click.ParamType):
+    """An integer N ≥ 1, or ``auto``."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        text = str(value).strip().lower()
+        if text == AUTO:
+            return AUTO
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+        self.fail(f"{value!r} is neither an integer ≥ 1 nor 'auto'", param, ctx)
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option(
-    "--passes", "-N", multiple=True, type=click.IntRange(min=1), help="Sleep passes N (repeatable) [checkpoint's]."
+    "--passes",
+    "-N",
+    multiple=True,
+    type=PassesParam(),
+    help="Sleep passes N (repeatable), or 'auto': adaptive sleep [checkpoint's N].",
+)
+@click.option(
+    "--max-passes", type=click.IntRange(min=1), default=None, help="With -N auto: most passes per window [model's N]."
+)
+@click.option("--tol", type=click.FloatRange(min=0), default=DEFAULT_TOL, show_default=True, help="With -N auto.")
+@click.option(
+    "--criterion",
+    type=click.Choice(["state", "kl"]),
+    default="state",
+    show_default=True,
+    help="With -N auto: stop when S changes by < tol (relative), or when successive passes' predictions agree "
+    "(KL < tol nats).",
 )
 @click.option("--size", default=2048, show_default=True, type=click.IntRange(min=1), help="Held-out examples.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the held-out set (split 'test').")
 @click.option("--set", "task_set", multiple=True, help="Task knob override, e.g. --set t=4 (a harder test set).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object {N: scores} instead of a table.")
 def eval_checkpoint(
-    checkpoint: str, passes: tuple[int, ...], size: int, seed: int, task_set: tuple[str, ...], as_json: bool
+    checkpoint: str,
+    passes: tuple[int | str, ...],
+    max_passes: int | None,
+    tol: float,
+    criterion: str,
+    size: int,
+    seed: int,
+    task_set: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Score CHECKPOINT on its task's held-out set (exact match and the task's other metrics) for each N.
 
     Example: agentsleep eval checkpoints/rule110-w16-t2-n2 -N 1 -N 2 -N 4
+
+    Adaptive sleep: agentsleep eval checkpoints/rule110-w16-t2-anyN -N auto --max-passes 8 --tol 0.05
     """
     from agentsleep.train.cli import parse_overrides
 
     try:
-        scores = score_checkpoint(checkpoint, list(passes), size=size, seed=seed, **parse_overrides(task_set))
+        scores = score_checkpoint(
+            checkpoint,
+            list(passes),
+            size=size,
+            seed=seed,
+            max_passes=max_passes,
+            tol=tol,
+            criterion=criterion,
+            **parse_overrides(task_set),
+        )
     except (AgentSleepError, ValueError) as e:  # pydantic's ValidationError is a ValueError: a bad --set
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_USAGE)

@@ -22,24 +22,28 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from agentsleep.errors import CheckpointError
+from agentsleep.model.adaptive import AutoPasses, forward_adaptive
 from agentsleep.model.hybrid import HybridConfig, SleepHybrid
 from agentsleep.model.state import FastWeights
 from agentsleep.tasks import Task, depo, get_task
 from agentsleep.train.optim import OptimizerName, Optimizers, lr_factor
 
 log = logging.getLogger(__name__)
+
+PassesDist = Literal["fixed", "uniform", "lognormal_poisson"]
+PASSES_STREAM = 0x5EED_9A55  # tags the N-draw stream so it never coincides with a task's data stream
 
 RESUME_DIR = "resume"
 TRAIN_CONFIG_FILE, EVAL_FILE, LOG_FILE, STATE_FILE = "train_config.json", "eval.json", "log.jsonl", "trainer_state.json"
@@ -61,7 +65,33 @@ class TrainConfig(BaseModel):
         description="(start step, task overrides) stages applied on top of task_overrides until the next stage; "
         "evaluation always uses the target task (task_overrides alone). Identical for every N, so data stay equal.",
     )
-    passes: int = Field(1, ge=1, description="N: sleep passes over every label-free window")
+    passes: int = Field(
+        1,
+        ge=1,
+        description="N: sleep passes over every label-free window; with a sampled passes_dist, N_max (the largest N "
+        "drawn, and the checkpoint's default sleep depth)",
+    )
+    passes_dist: PassesDist = Field(
+        "fixed",
+        description="how N is chosen per training window (or step): 'fixed' = always `passes`; 'uniform' = "
+        "U{passes_min..passes}; 'lognormal_poisson' = 1 + Poisson(λ), log λ ~ N(log(passes_mean − 1) − σ²/2, σ), "
+        "redrawn until it lies in [passes_min, passes] (Geiping et al. 2025, §3.1; see docs/training.md)",
+    )
+    passes_min: int = Field(1, ge=1, description="smallest N a sampled passes_dist draws")
+    passes_mean: float | None = Field(
+        None, gt=1, description="lognormal_poisson: mean of N before truncation (default: (passes_min + passes) / 2)"
+    )
+    passes_sigma: float = Field(0.5, gt=0, description="lognormal_poisson: σ of log λ (Geiping et al. use 0.5)")
+    passes_per: Literal["window", "step"] = Field(
+        "window",
+        description="sampled N: one draw per label-free window (states of mixed depth, as an agent that sleeps for "
+        "as long as it can), or one per step for every window",
+    )
+    eval_passes: list[int] = Field(
+        default_factory=list,
+        description="extra N at which the final checkpoint is scored (eval.json 'by_passes'); the headline scores and "
+        "the evals during training use `passes`",
+    )
     steps: int = Field(2000, ge=0, description="optimizer steps (one batch each)")
     batch_size: int = Field(64, ge=1)
     optimizer: OptimizerName = Field("muon", description="muon = Muon (block matrices) + AdamW (rest); adamw = all")
@@ -99,9 +129,24 @@ class TrainConfig(BaseModel):
     compile: bool = Field(False, description="torch.compile every block (CPU: needs a C compiler)")
     threads: int = Field(1, ge=1, description="torch threads (one per run was the most stable on 2 shared cores)")
 
+    @model_validator(mode="after")
+    def _passes_range(self) -> TrainConfig:
+        if self.passes_dist != "fixed" and self.passes_min > self.passes:
+            raise ValueError(f"passes_min ({self.passes_min}) > passes ({self.passes}, the N_max of the draw)")
+        if self.passes_dist == "lognormal_poisson" and self.passes_mean is not None:
+            if not self.passes_min <= self.passes_mean <= self.passes:
+                raise ValueError(f"passes_mean {self.passes_mean} is outside [{self.passes_min}, {self.passes}]")
+        if any(n < 1 for n in self.eval_passes):
+            raise ValueError(f"eval_passes must be ≥ 1, got {self.eval_passes}")
+        return self
+
     @property
     def effective_data_seed(self) -> int:
         return self.seed if self.data_seed is None else self.data_seed
+
+    @property
+    def sampled_passes(self) -> bool:
+        return self.passes_dist != "fixed" and self.passes_min < self.passes
 
 
 # ---------------------------------------------------------------------------------------------------- pure pieces
@@ -110,6 +155,58 @@ class TrainConfig(BaseModel):
 def step_seed(data_seed: int, step: int) -> int:
     """Seed of training batch ``step``: injective in (data_seed, step) for step < 2^32."""
     return (data_seed << 32) | step
+
+
+def passes_probs(cfg: TrainConfig) -> dict[int, float]:
+    """P(N = n) for n in passes_min..passes under ``cfg.passes_dist`` (exact for uniform; lognormal_poisson by a
+    fixed-seed Monte Carlo of 200k draws, for the docs and tests)."""
+    lo, hi = (cfg.passes, cfg.passes) if not cfg.sampled_passes else (cfg.passes_min, cfg.passes)
+    if lo == hi:
+        return {hi: 1.0}
+    if cfg.passes_dist == "uniform":
+        return {n: 1.0 / (hi - lo + 1) for n in range(lo, hi + 1)}
+    draws = _draw(cfg, np.random.default_rng(0), 200_000)
+    return {n: float(np.mean(draws == n)) for n in range(lo, hi + 1)}
+
+
+def _draw(cfg: TrainConfig, rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` values of N from ``cfg.passes_dist``, each in [passes_min, passes]."""
+    lo, hi = cfg.passes_min, cfg.passes
+    if cfg.passes_dist == "uniform":
+        return rng.integers(lo, hi + 1, size=n)
+    # Geiping et al. 2025 (§3.1): τ ~ N(log r̄ − σ²/2, σ), r ~ Poisson(e^τ) + 1, so E[r] = r̄ + 1 untruncated; we shift
+    # by one so that E[N] = passes_mean, and redraw values outside [lo, hi] (truncation keeps the shape inside).
+    mean = cfg.passes_mean if cfg.passes_mean is not None else (lo + hi) / 2
+    out = np.empty(0, dtype=np.int64)
+    while len(out) < n:
+        tau = rng.normal(math.log(mean - 1) - cfg.passes_sigma**2 / 2, cfg.passes_sigma, size=2 * n)
+        r = rng.poisson(np.exp(tau)) + 1
+        out = np.concatenate([out, r[(r >= lo) & (r <= hi)]])
+    return out[:n]
+
+
+def draw_passes(cfg: TrainConfig, data_seed: int, step: int, n_windows: int) -> list[int]:
+    """N for each of ``n_windows`` windows of training step ``step`` (one shared draw if ``passes_per == "step"``).
+
+    A pure function of (data_seed, step), like the batch itself, so a resumed run and a rerun draw the same N.
+    """
+    if not cfg.sampled_passes:
+        return [cfg.passes] * n_windows
+    rng = np.random.default_rng([PASSES_STREAM, data_seed, step])
+    k = 1 if cfg.passes_per == "step" else n_windows
+    draws = [int(v) for v in _draw(cfg, rng, k)]
+    return draws * n_windows if cfg.passes_per == "step" else draws
+
+
+def passes_label(cfg: TrainConfig) -> str:
+    """``"2"``, ``"U{1..8}"`` or ``"LNP{1..8}, mean 3"``: the training N of a run, for tables and progress bars."""
+    if not cfg.sampled_passes:
+        return str(cfg.passes)
+    rng = f"{{{cfg.passes_min}..{cfg.passes}}}"
+    if cfg.passes_dist == "uniform":
+        return "U" + rng + (" per step" if cfg.passes_per == "step" else "")
+    mean = cfg.passes_mean if cfg.passes_mean is not None else (cfg.passes_min + cfg.passes) / 2
+    return f"LNP{rng} mean {mean:g}" + (" per step" if cfg.passes_per == "step" else "")
 
 
 def make_task(cfg: TrainConfig, stage: dict[str, Any] | None = None) -> Task:
@@ -189,23 +286,33 @@ def windowed_loss(
     model: SleepHybrid,
     tokens: torch.Tensor,
     loss_mask: torch.Tensor,
-    passes: int,
+    passes: int | Sequence[int],
     *,
     use_checkpoint: bool = False,
     detach_every: int | None = None,
 ) -> torch.Tensor:
     """Mean masked CE of Algorithm 1; with ``detach_every = k`` the state S is detached after every k-th window
-    (truncated BPTT across windows, paper §8 limitation 1). Without it, this is exactly ``model.forward``."""
-    if detach_every is None:
-        return model(tokens, loss_mask, passes, use_checkpoint=use_checkpoint)[1]
+    (truncated BPTT across windows, paper §8 limitation 1). ``passes`` is one N for every label-free window, or one
+    per window index (sampled-N training; label windows still get one pass). With one N and no truncation this is
+    exactly ``model.forward``."""
+    if isinstance(passes, int | np.integer):
+        if detach_every is None:
+            return model(tokens, loss_mask, int(passes), use_checkpoint=use_checkpoint)[1]
+        per_window: Sequence[int] = []
+    else:
+        per_window = passes
     L = model.config.window
+    n_windows = -(-tokens.shape[1] // L)
+    if per_window and len(per_window) < n_windows:
+        raise ValueError(f"{len(per_window)} pass counts for {n_windows} windows")
     state = model.init_state(tokens.shape[0])
     loss_sum, n_targets = torch.zeros(()), 0
     for w, s in enumerate(range(0, tokens.shape[1], L)):
         x, m = tokens[:, s : s + L], loss_mask[:, s : s + L].bool()
         scored = bool(m.any())
-        h, state, has_bos = model._run_window(x, state, 1 if scored else passes, use_checkpoint)
-        if (w + 1) % detach_every == 0:
+        n_w = int(per_window[w]) if per_window else int(passes)  # type: ignore[arg-type]
+        h, state, has_bos = model._run_window(x, state, 1 if scored else n_w, use_checkpoint)
+        if detach_every is not None and (w + 1) % detach_every == 0:
             state = FastWeights(
                 ssm=[t.detach() for t in state.ssm],
                 kv=[(k.detach(), v.detach()) for k, v in state.kv],
@@ -223,8 +330,12 @@ def windowed_loss(
     return loss_sum / max(n_targets, 1)
 
 
-def batch_loss(model: SleepHybrid, batch: Any, passes: int, cfg: TrainConfig | None = None) -> tuple[torch.Tensor, int]:
-    """Loss over a task `Batch` (rows grouped by window count, A24) and the number of targets it averages over."""
+def batch_loss(
+    model: SleepHybrid, batch: Any, passes: int | Sequence[int], cfg: TrainConfig | None = None
+) -> tuple[torch.Tensor, int]:
+    """Loss over a task `Batch` (rows grouped by window count, A24) and the number of targets it averages over.
+
+    ``passes``: one N, or one per window index (every row group uses the same list from window 0)."""
     groups = [batch] if np.all(batch.lengths == batch.seq_len) else list(batch.buckets().values())
     total, n = torch.zeros(()), 0
     for b in groups:
@@ -243,8 +354,13 @@ def batch_loss(model: SleepHybrid, batch: Any, passes: int, cfg: TrainConfig | N
 
 
 @torch.no_grad()
-def predict(model: SleepHybrid, batch: Any, passes: int, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Target-aligned argmax ids ``[n, T]`` and per-token cross-entropy ``[n, T]`` (0 off targets), in chunks."""
+def predict(
+    model: SleepHybrid, batch: Any, passes: int | AutoPasses, chunk: int = 256, *, used: list[np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Target-aligned argmax ids ``[n, T]`` and per-token cross-entropy ``[n, T]`` (0 off targets), in chunks.
+
+    ``passes``: N for every label-free window, or `AutoPasses` (adaptive sleep); then the passes each row used in
+    each slept window are appended to ``used`` (one flat array per row group)."""
     was_training = model.training
     model.eval()
     n, T = batch.tokens.shape
@@ -260,7 +376,14 @@ def predict(model: SleepHybrid, batch: Any, passes: int, chunk: int = 256) -> tu
         )
         for c, b in groups.items():
             x, m = torch.from_numpy(b.tokens), torch.from_numpy(b.loss_mask)
-            logits, _ = model(x, m, passes)  # [b, T', V] target-aligned
+            if isinstance(passes, AutoPasses):
+                logits, per_window = forward_adaptive(
+                    model, x, m, max_passes=passes.max_passes, tol=passes.tol, criterion=passes.criterion
+                )
+                if used is not None:
+                    used.append(per_window[per_window > 0].numpy())
+            else:
+                logits, _ = model(x, m, passes)  # [b, T', V] target-aligned
             tok_ce = F.cross_entropy(logits.transpose(1, 2), x, reduction="none") * m  # [b, T']
             rows = s + rows_of[c]
             ids[rows, : x.shape[1]] = logits.argmax(-1).numpy()
@@ -269,11 +392,19 @@ def predict(model: SleepHybrid, batch: Any, passes: int, chunk: int = 256) -> tu
     return ids, ce
 
 
-def evaluate(model: SleepHybrid, task: Task, batch: Any, passes: int) -> dict[str, float]:
-    """Task scores on a held-out batch plus the mean target loss (and per-k CE where the task defines it)."""
-    ids, ce = predict(model, batch, passes)
+def evaluate(model: SleepHybrid, task: Task, batch: Any, passes: int | AutoPasses) -> dict[str, float]:
+    """Task scores on a held-out batch plus the mean target loss (and per-k CE where the task defines it).
+
+    With ``passes=AutoPasses(...)`` (adaptive sleep) the scores also hold ``mean_passes`` (over slept windows) and
+    ``max_passes_used``."""
+    used: list[np.ndarray] = []
+    ids, ce = predict(model, batch, passes, used=used)
     out = dict(task.score(ids, batch))
     out["loss"] = float(ce[batch.loss_mask].mean())
+    if isinstance(passes, AutoPasses):
+        flat = np.concatenate(used) if used else np.zeros(0)
+        out["mean_passes"] = float(flat.mean()) if len(flat) else 0.0
+        out["max_passes_used"] = float(flat.max()) if len(flat) else 0.0
     if task.name == "depo":  # the paper's Depo metric is test loss per k (spec §2.4)
         out.update(depo.per_k_ce(ce, batch, task.config))  # type: ignore[arg-type]
     return out
@@ -283,9 +414,18 @@ def evaluate(model: SleepHybrid, task: Task, batch: Any, passes: int) -> dict[st
 
 
 def save_run(
-    out: Path, model: SleepHybrid, task: Task, cfg: TrainConfig, *, step: int, scores: dict[str, float] | None
+    out: Path,
+    model: SleepHybrid,
+    task: Task,
+    cfg: TrainConfig,
+    *,
+    step: int,
+    scores: dict[str, float] | None,
+    by_passes: dict[int, dict[str, float]] | None = None,
 ) -> None:
-    """The user-facing checkpoint: config.json (+ training facts under "agentsleep"), weights, tokenizer, config."""
+    """The user-facing checkpoint: config.json (+ training facts under "agentsleep"), weights, tokenizer, config.
+
+    ``by_passes``: scores of the same weights at other N (sampled-N runs), written to eval.json as ``by_passes``."""
     extra = {
         "task": task.name,
         "task_config": task.config.model_dump(mode="json"),
@@ -299,7 +439,10 @@ def save_run(
     task.save_tokenizer(out / "tokenizer.json")
     (out / TRAIN_CONFIG_FILE).write_text(cfg.model_dump_json(indent=2) + "\n")
     if scores is not None:
-        (out / EVAL_FILE).write_text(json.dumps({"step": step, "passes": cfg.passes, **scores}, indent=2) + "\n")
+        row: dict[str, Any] = {"step": step, "passes": cfg.passes, **scores}
+        if by_passes:
+            row["by_passes"] = {str(n): by_passes[n] for n in sorted(by_passes)}
+        (out / EVAL_FILE).write_text(json.dumps(row, indent=2) + "\n")
 
 
 def save_resume(out: Path, model: SleepHybrid, opts: Optimizers, state: dict[str, Any]) -> None:
@@ -316,12 +459,15 @@ def load_resume(out: Path, model: SleepHybrid, opts: Optimizers, cfg: TrainConfi
     if not (d / STATE_FILE).is_file():
         return None
     saved = json.loads((out / TRAIN_CONFIG_FILE).read_text()) if (out / TRAIN_CONFIG_FILE).is_file() else None
+    if saved is not None:  # fields added since the run started take their defaults
+        saved = TrainConfig.model_validate(saved).model_dump(mode="json")
     mine = cfg.model_dump(mode="json")
     if saved is not None:
         diff = {
             k
             for k in mine
-            if k not in ("steps", "eval_every", "save_every", "final_eval_size") and saved.get(k) != mine[k]
+            if k not in ("steps", "eval_every", "save_every", "final_eval_size", "eval_passes")
+            and saved.get(k) != mine[k]
         }
         if diff:
             raise CheckpointError(f"{out} was trained with different settings ({sorted(diff)}); use another --out")
@@ -399,7 +545,7 @@ def train(
         initial=start,
         total=cfg.steps,
         disable=not progress,
-        desc=f"{cfg.task} N={cfg.passes}",
+        desc=f"{cfg.task} N={passes_label(cfg)}",
         dynamic_ncols=True,
     )
     losses: list[float] = []
@@ -410,7 +556,11 @@ def train(
         batch = data_task.generate("train", cfg.batch_size, step_seed(cfg.effective_data_seed, step))
         t0 = time.perf_counter()
         opts.set_lr_factor(lr_factor(step, warmup=cfg.warmup, total=cfg.steps, schedule=cfg.schedule))
-        loss, _ = batch_loss(model, batch, cfg.passes, cfg)
+        n_windows = -(-int(batch.tokens.shape[1]) // model.config.window)
+        passes: int | list[int] = (
+            draw_passes(cfg, cfg.effective_data_seed, step, n_windows) if cfg.sampled_passes else cfg.passes
+        )
+        loss, _ = batch_loss(model, batch, passes, cfg)
         opts.zero_grad()
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)) if cfg.clip else math.nan
@@ -438,10 +588,14 @@ def train(
             save_resume(out, model, opts, {"step": done, "tokens": tokens, "wall": wall})
     bar.close()
     model.refresh_fingerprint()
-    final = evaluate(model, task, task.generate("test", cfg.final_eval_size, cfg.eval_seed), cfg.passes)
-    save_run(out, model, task, cfg, step=cfg.steps, scores=final)
+    final_batch = task.generate("test", cfg.final_eval_size, cfg.eval_seed)
+    final = evaluate(model, task, final_batch, cfg.passes)
+    by_passes = {n: evaluate(model, task, final_batch, n) for n in cfg.eval_passes if n != cfg.passes}
+    if by_passes:
+        by_passes[cfg.passes] = final
+    save_run(out, model, task, cfg, step=cfg.steps, scores=final, by_passes=by_passes)
     save_resume(out, model, opts, {"step": cfg.steps, "tokens": tokens, "wall": wall})
-    log.info("trained %s N=%d: %s", cfg.task, cfg.passes, _headline(final))
+    log.info("trained %s N=%s: %s", cfg.task, passes_label(cfg), _headline(final))
     return {"step": cfg.steps, "tokens": tokens, "wall": wall, "eval": final, "history": history}
 
 

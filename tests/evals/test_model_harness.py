@@ -36,3 +36,15 @@ def test_harness_writes_table_json_and_png(tmp_path: Path) -> None:
     again = main([*argv, "--report-only"])
     assert weights.stat().st_mtime_ns == stamp
     assert again["variants"]["n2"]["mean"] == data["variants"]["n2"]["mean"]
+
+
+def test_baselines_only_with_their_own_curriculum(tmp_path: Path) -> None:
+    argv = ["--set", "W=5", "--set", "t=1", "--model", "layout=ag", "--passes", "--baselines", "--baseline-kinds",
+            "attn_full", "--baseline-curriculum", "0:t=0;2:", "--steps", "3", "--batch-size", "4", "--eval-every", "0",
+            "--final-eval-size", "8", "--name", "b", "--runs-dir", str(tmp_path / "runs"),
+            "--results-dir", str(tmp_path / "res")]  # fmt: skip
+    data = main(argv)
+    assert set(data["variants"]) == {"attn_full"}
+    cfg = json.loads((tmp_path / "runs" / "b" / "attn_full-s0" / "train_config.json").read_text())
+    assert cfg["curriculum"] == [[0, {"t": 0}], [2, {}]] and cfg["model"]["layout"] == "aa"
+    assert "baselines: curriculum `0:t=0;2:`" in (tmp_path / "res" / "b.md").read_text()

@@ -71,7 +71,7 @@ def solve(row: np.ndarray, mask: np.ndarray, cfg: DepoConfig) -> dict:
     return {"n": n, "k": ks, "cycle_tokens": len(cycle) - first}
 
 
-@pytest.mark.parametrize("preset", ["paper", "toy", "micro"])
+@pytest.mark.parametrize("preset", ["paper", "toy", "micro", "mini"])
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_examples_solve(preset: str, split: str) -> None:
     cfg = depo.PRESETS[preset]

@@ -49,3 +49,17 @@ def test_bad_input_is_one_line_and_exit_2(ckpt: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["eval", str(ckpt), "--set", "t=zz"])
     assert res.exit_code == 2 and "error:" in res.output
     assert CliRunner().invoke(main, ["eval", "--help"]).exit_code == 0
+
+
+def test_cli_auto_passes(ckpt: Path) -> None:
+    args = ["eval", str(ckpt), "-N", "3", "-N", "auto", "--max-passes", "3", "--tol", "0", "--size", "16", "--json"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    scores = json.loads(res.output)
+    assert scores["auto"]["mean_passes"] == 3.0  # tol 0 never stops early: the N = 3 sleep
+    assert scores["auto"]["exact"] == scores["3"]["exact"] and scores["auto"]["loss"] == scores["3"]["loss"]
+    quick = score_checkpoint(ckpt, ["auto"], size=16, max_passes=3, tol=1e9, criterion="kl")
+    assert quick["auto"]["mean_passes"] == 2.0 and quick["auto"]["max_passes_used"] == 2.0
+    for bad in (["-N", "x"], ["-N", "0"], ["-N", "auto", "--criterion", "entropy"], ["-N", "auto", "--tol", "-1"]):
+        res = CliRunner().invoke(main, ["eval", str(ckpt), "--size", "8", *bad])
+        assert res.exit_code == 2 and "error" in res.output.lower(), bad

@@ -1,0 +1,174 @@
+"""Adaptive sleep depth: accuracy vs the mean number of passes a sleep uses, for any-N models.
+
+Each checkpoint is scored (``agentsleep eval``'s scorer) at every fixed N in ``--fixed-passes`` and with
+``passes="auto"`` (`agentsleep.model.adaptive`) for each stopping rule and tolerance; the mean passes are averaged
+over every slept window of every held-out example. The goal of issue 17: ≥ 30% fewer passes than N_max at ≤ 1 point
+of accuracy lost against the same model slept N_max times::
+
+    python -m evals.adaptive --name rule110_w16_t2_adaptive --size 4096 --max-passes 8 \\
+        --models runs/evals/rule110_w16_t2_anyN/n8-uniform-s{0,1,2} \\
+        --state-tols 0.3 0.1 0.03 0.01 --kl-tols 0.1 0.01 0.001
+
+Writes ``<name>.md``, ``<name>.json`` and ``<name>.png`` into ``evals/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evals.anyn import RESULTS, SCORES, cached_score, describe, mean_std
+
+log = logging.getLogger("evals.adaptive")
+
+GOAL_SAVING, GOAL_LOSS = 0.30, 0.01  # issue 17: ≥ 30% fewer passes than N_max at ≤ 1 point of accuracy lost
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    models = []
+    for path in args.models:
+        info = describe(path)
+        fixed = {n: cached_score(path, n, args.size, args.scores_dir) for n in args.fixed_passes}
+        auto = []
+        for criterion, tols in (("state", args.state_tols), ("kl", args.kl_tols)):
+            for tol in tols:
+                s = cached_score(
+                    path, "auto", args.size, args.scores_dir, max_passes=args.max_passes, tol=tol, criterion=criterion
+                )
+                auto.append({"criterion": criterion, "tol": tol, "scores": s})
+        models.append({**info, "fixed": {str(n): s for n, s in fixed.items()}, "auto": auto})
+    return {"models": models, "max_passes": args.max_passes, "size": args.size}
+
+
+def table_rows(data: dict[str, Any], metric: str) -> list[dict[str, Any]]:
+    """One row per setting: mean/std over models of the metric and of the passes used."""
+    ms = data["models"]
+    nmax = data["max_passes"]
+    ref = float(np.mean([m["fixed"][str(nmax)][metric] for m in ms]))
+    rows = []
+    for n in ms[0]["fixed"]:
+        acc = mean_std([m["fixed"][n][metric] for m in ms])
+        rows.append({"setting": f"fixed N = {n}", "criterion": "fixed", "tol": None, "acc": acc,
+                     "passes": (float(n), 0.0), "loss_pts": ref - acc[0]})  # fmt: skip
+    for i, a in enumerate(ms[0]["auto"]):
+        acc = mean_std([m["auto"][i]["scores"][metric] for m in ms])
+        used = mean_std([m["auto"][i]["scores"]["mean_passes"] for m in ms])
+        rows.append({"setting": f"auto, {a['criterion']} < {a['tol']:g}", "criterion": a["criterion"],
+                     "tol": a["tol"], "acc": acc, "passes": used, "loss_pts": ref - acc[0]})  # fmt: skip
+    for r in rows:
+        r["saving"] = 1 - r["passes"][0] / nmax
+        r["goal"] = r["saving"] >= GOAL_SAVING and r["loss_pts"] <= GOAL_LOSS
+    return rows
+
+
+def markdown(args: argparse.Namespace, data: dict[str, Any], command: str) -> str:
+    metric, nmax = args.metric, data["max_passes"]
+    ms = data["models"]
+    rows = table_rows(data, metric)
+    names = ", ".join(f"`{Path(m['path']).name}` (seed {m['seed']}, trained N~{m['trained_n']})" for m in ms)
+    lines = [
+        f"# {args.name}: adaptive sleep depth (stop when S has converged)",
+        "",
+        f"Models: {names}. "
+        f"Task: `{ms[0]['task']}`. Metric: `{metric}` on {args.size} held-out examples (split `test`, seed 0). "
+        f"Passes: mean over every slept window of every example; N_max = {nmax}.",
+        "",
+        "Command:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} on 2 shared CPU cores (one thread).",
+        "",
+        f"| setting | `{metric}` mean ± std | mean passes | passes saved vs N_max | accuracy lost vs N = {nmax} "
+        "(points) | goal (≥ 30% saved, ≤ 1 point lost) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['setting']} | {r['acc'][0]:.3f} ± {r['acc'][1]:.3f} | {r['passes'][0]:.2f} | {r['saving']:.0%} | "
+            f"{100 * r['loss_pts']:+.1f} | {'**met**' if r['goal'] else '—'} |"
+        )
+    lines += ["", f"Plot: `{args.name}.png`. Raw numbers (per model): `{args.name}.json`.", ""]
+    if args.notes:
+        lines += ["## Notes", "", Path(args.notes).read_text().strip(), ""]
+    return "\n".join(lines)
+
+
+def plot(args: argparse.Namespace, data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table_rows(data, args.metric)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fixed = [r for r in rows if r["criterion"] == "fixed"]
+    ax.errorbar([r["passes"][0] for r in fixed], [r["acc"][0] for r in fixed], yerr=[r["acc"][1] for r in fixed],
+                fmt="s--", color="grey", label="fixed N (the same any-N models)")  # fmt: skip
+    for crit, marker, color in (("state", "o-", "C0"), ("kl", "^-", "C3")):
+        rs = sorted((r for r in rows if r["criterion"] == crit), key=lambda r: r["passes"][0])
+        if not rs:
+            continue
+        ax.errorbar([r["passes"][0] for r in rs], [r["acc"][0] for r in rs], xerr=[r["passes"][1] for r in rs],
+                    yerr=[r["acc"][1] for r in rs], fmt=marker, color=color,
+                    label=f"auto: {'relative change of S' if crit == 'state' else 'prediction KL'} < tol")  # fmt: skip
+        for r in rs:
+            ax.annotate(f"{r['tol']:g}", (r["passes"][0], r["acc"][0]), fontsize=6, xytext=(3, -8),
+                        textcoords="offset points", color=color)  # fmt: skip
+    nmax = data["max_passes"]
+    ax.axvline((1 - GOAL_SAVING) * nmax, color="black", ls=":", lw=0.8, label="30% fewer passes than N_max")
+    ax.set_xlabel("mean sleep passes per window")
+    ax.set_ylabel(f"held-out {args.metric}")
+    ax.set_title(args.name, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evals.adaptive", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", type=Path, required=True, help="any-N checkpoint directories (seeds)")
+    p.add_argument("--max-passes", type=int, default=8)
+    p.add_argument("--fixed-passes", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8])
+    p.add_argument("--state-tols", type=float, nargs="*", default=[0.3, 0.1, 0.03, 0.01])
+    p.add_argument("--kl-tols", type=float, nargs="*", default=[0.1, 0.01, 0.001])
+    p.add_argument("--size", type=int, default=4096)
+    p.add_argument("--metric", default="exact")
+    p.add_argument("--name", required=True)
+    p.add_argument("--results-dir", type=Path, default=RESULTS)
+    p.add_argument("--scores-dir", type=Path, default=SCORES, help="memo of checkpoint scores (git-ignored)")
+    p.add_argument("--notes", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    if args.max_passes not in args.fixed_passes:
+        args.fixed_passes = [*args.fixed_passes, args.max_passes]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    data = run(args)
+    command = "python -m evals.adaptive " + " ".join(shlex.quote(a) for a in argv)
+    data["command"] = command
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.results_dir / args.name
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(args, data, command))
+    plot(args, data, stem.with_suffix(".png"))
+    log.info("wrote %s.{md,json,png}", stem)
+    return data
+
+
+if __name__ == "__main__":
+    main()
