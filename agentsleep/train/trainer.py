@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from agentsleep.errors import CheckpointError
 from agentsleep.model.adaptive import AutoPasses, forward_adaptive
-from agentsleep.model.hybrid import HybridConfig, SleepHybrid
+from agentsleep.model.hybrid import MEMORY_KINDS, HybridConfig, SleepHybrid
 from agentsleep.model.state import FastWeights
 from agentsleep.tasks import Task, depo, get_task
 from agentsleep.train.optim import OptimizerName, Optimizers, lr_factor
@@ -267,7 +267,7 @@ def init_slow_gates(model: SleepHybrid, dt_range: tuple[float, float] = SLOW_DT)
     """Re-draw every GDN head's decay so S starts out long-lived: A_log = 0 (A = 1), dt log-uniform in ``dt_range``,
     stored as softplus⁻¹(dt) like the layer's own init. Uses the global torch RNG (seeded by the caller)."""
     for blk in model.layers:
-        if blk.kind != "g":
+        if blk.kind not in MEMORY_KINDS:  # GDN and Jet layers share the gate parameterisation
             continue
         gdn = blk.linear_attn
         gdn.A_log.zero_()
