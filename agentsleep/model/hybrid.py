@@ -462,13 +462,21 @@ class SleepHybrid(nn.Module):
         return FastWeights(ssm=ssm, kv=kv, kv_valid=kv_valid, fingerprint=fp, batch=B)
 
     def _run_window(
-        self, tokens: Tensor, state: FastWeights, passes: int, use_checkpoint: bool = False, coda_read: bool = False
+        self,
+        tokens: Tensor,
+        state: FastWeights,
+        passes: int,
+        use_checkpoint: bool = False,
+        coda_read: bool = False,
+        wake_features: bool = False,
     ) -> tuple[Tensor, FastWeights, bool]:
         """Run ``passes`` passes over one window. Returns (last pass's features [B, slots, d], next state, has_bos).
 
         With a ``loop`` that ends before the last block and passes > 1, the last pass ends at the loop's last block;
         ``coda_read`` then runs the blocks after it once more over those features, from the window's starting S and
         keeping none of what they write, so the features are those of prelude → loop^N → coda.
+        ``wake_features`` returns pass 1's features instead (what wake decoding predicts from, before the window is
+        slept) with the state after all ``passes``: a window as an engine lives it (chat fine-tuning).
         """
         B, T = tokens.shape
         if T > self.config.window:
@@ -503,7 +511,7 @@ class SleepHybrid(nn.Module):
             h, ssm, kvs = run(h, ctx, ssm, prefix, kvs, hi, n_blocks)
         for _ in range(passes - 1):
             h_loop, ssm, kvs = run(h_loop, ctx, ssm, prefix, kvs, lo, hi)
-        if passes > 1:
+        if passes > 1 and not wake_features:
             h = h_loop
             if coda_read and hi < n_blocks:  # whole-model features: the coda over the refined loop output, read-only
                 h = self._pass(h, ctx, list(state.ssm), prefix, kvs, hi, n_blocks)[0]
