@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -138,6 +139,10 @@ def wrap(model: nn.Module, d: Distributed, *, fsdp: bool, find_unused: bool = Fa
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+
+        # A block returns its layer state beside its output, and those tensors are views (K/V heads, the conv tail);
+        # nothing modifies them in place, which is what FSDP2's warning is about.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
         mesh = init_device_mesh(d.device.type, (d.world,))
         for block in model.layers:  # type: ignore[attr-defined]
