@@ -88,9 +88,10 @@ def test_ddp_two_processes_equal_one_and_resume(reference: Path, tmp_path: Path)
     for r, q in zip(rows[1:], ref_rows[1:]):  # the logged loss is the whole batch's, not rank 0's share
         assert abs(r["loss"] - q["loss"]) <= 1e-5 * max(1.0, abs(q["loss"]))
     assert res.stdout.count('"out"') == 1  # one summary line (rank 0)
-    assert json.loads((out / "eval.json").read_text())["exact"] == json.loads((reference / "eval.json").read_text())[
-        "exact"
-    ]
+    assert (
+        json.loads((out / "eval.json").read_text())["exact"]
+        == json.loads((reference / "eval.json").read_text())["exact"]
+    )
 
 
 def test_fsdp2_two_processes_equal_one(reference: Path, tmp_path: Path) -> None:
