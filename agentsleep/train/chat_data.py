@@ -256,7 +256,8 @@ def conversation_loss(
     dev = model.device
     tokens, targets = tokens.to(dev), targets.to(dev).bool()
     state = model.init_state(B)
-    loss = torch.zeros((), device=dev)
+    acc = torch.float64 if model.dtype == torch.float64 else torch.float32  # float64 models: exact tests
+    loss = torch.zeros((), device=dev, dtype=acc)
     n = 0
     for w, s in enumerate(range(0, T, L)):
         x = tokens[:, s : s + L]
@@ -269,7 +270,7 @@ def conversation_loss(
             sel = nxt
             logits = model.logits(h[:, : nxt.shape[1]][sel])  # only where a target follows: [n_w, V]
             gold = tokens[:, s + 1 : s + 1 + nxt.shape[1]][sel]
-            loss = loss + F.cross_entropy(logits.float(), gold, reduction="sum")
+            loss = loss + F.cross_entropy(logits.to(acc), gold, reduction="sum")
             n += int(sel.sum())
             if predictions is not None:
                 predictions.append((logits.argmax(-1) == gold).detach().cpu())
