@@ -1,5 +1,6 @@
-"""Chat fine-tuning data (agentsleep.train.chat_data) on a tiny random Qwen3.5 made with transformers: the checkpoint's
-template, loss on assistant tokens only, windows slept exactly as an engine sleeps them, and bad lines named by number."""
+"""Chat fine-tuning data (agentsleep.train.chat_data) on a tiny random Qwen3.5 made with transformers: the
+checkpoint's template, loss on assistant tokens only, windows slept exactly as an engine sleeps them, and bad lines
+named by their number."""
 
 from __future__ import annotations
 
