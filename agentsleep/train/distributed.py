@@ -134,7 +134,7 @@ class Root(nn.Module):
 def wrap(model: nn.Module, d: Distributed, *, fsdp: bool, find_unused: bool = False) -> nn.Module:
     """The module training calls: `Root` (one process), DDP over it, or FSDP2 shards of the model under it."""
     root = Root(model)
-    if d.world == 1 and not fsdp:
+    if d.world == 1:  # nothing to share or shard with (``--fsdp`` in one process trains as usual)
         return root
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh

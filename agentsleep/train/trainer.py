@@ -773,7 +773,8 @@ def _train(
     model.to(env.device)
     if cfg.compile:
         compile_blocks(model)
-    root = distributed.wrap(model, env, fsdp=cfg.fsdp, find_unused="e" in model.config.mlp_kinds)
+    sharded = cfg.fsdp and env.world > 1
+    root = distributed.wrap(model, env, fsdp=sharded, find_unused="e" in model.config.mlp_kinds)
     opts = Optimizers(
         model,
         name=cfg.optimizer,
@@ -807,7 +808,7 @@ def _train(
         return scores
 
     def save_resumable(step: int) -> None:
-        weights = _export_weights(model, env, cfg)
+        weights = _export_weights(model, env, sharded)
         save_resume(out, weights, opts, {"step": step, "tokens": tokens, "wall": wall}, write=main)
         env.barrier()
 
@@ -881,9 +882,9 @@ def _train(
         by_passes = {n: run_eval(cfg.steps, final_batch, n) for n in cfg.eval_passes if n != cfg.passes}
         if by_passes:
             by_passes[cfg.passes] = final
-    weights = _export_weights(model, env, cfg)
+    weights = _export_weights(model, env, sharded)
     if main:
-        export = _export_model(model, weights, cfg)
+        export = _export_model(model, weights, sharded)
         data.save(out, export, step=cfg.steps, scores=final if final_batch is not None else None,
                   by_passes=by_passes, tokens=tokens)  # fmt: skip
     save_resume(out, weights, opts, {"step": cfg.steps, "tokens": tokens, "wall": wall}, write=main)
@@ -892,14 +893,14 @@ def _train(
     return {"step": cfg.steps, "tokens": tokens, "wall": wall, "eval": final, "history": history}
 
 
-def _export_weights(model: SleepHybrid, env: distributed.Distributed, cfg: TrainConfig) -> Any:
+def _export_weights(model: SleepHybrid, env: distributed.Distributed, sharded: bool) -> Any:
     """What a checkpoint is written from: the model itself, or (FSDP2) its weights gathered on rank 0."""
-    return distributed.full_state_dict(model, env) if cfg.fsdp else model
+    return distributed.full_state_dict(model, env) if sharded else model
 
 
-def _export_model(model: SleepHybrid, weights: Any, cfg: TrainConfig) -> SleepHybrid:
+def _export_model(model: SleepHybrid, weights: Any, sharded: bool) -> SleepHybrid:
     """The model to save: the trained one, or (FSDP2) a CPU copy built from the gathered weights."""
-    if not cfg.fsdp:
+    if not sharded:
         model.refresh_fingerprint()
         return model
     with torch.device("meta"):
