@@ -19,6 +19,11 @@ class ConfigError(AgentSleepError, ValueError):
     """A configuration is inconsistent (e.g. a head size the serving kernels cannot run)."""
 
 
+class UnsupportedBackend(ConfigError):
+    """The operation needs something this store's database does not have, e.g. sleep workers (procrastinate, a
+    Postgres task queue) asked of a SQLite store. Use Postgres for it, or keep the work in process."""
+
+
 class WindowOverflow(AgentSleepError, ValueError):
     """More tokens than the attention window can hold; sleep first or split the input."""
 
@@ -84,5 +89,6 @@ __all__ = [
     "StoreError",
     "UnknownAgent",
     "UnknownSnapshot",
+    "UnsupportedBackend",
     "WindowOverflow",
 ]

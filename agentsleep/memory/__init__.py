@@ -4,8 +4,9 @@
 * `SleepPolicy` — window L, passes N, soft threshold, idle sleep, retries, timeouts (pydantic, frozen).
 * `SleepScheduler` — runs a `SleepJob` in the background: per-agent debounce, one sleep per agent at a time,
   a synchronous `sleep_now` only when a turn cannot fit, failures retried and never raised into a turn.
-* `AgentHost` — agents' turns on an engine with background sleeps and snapshots; `SleepWorker` — consolidates
-  agents queued in the store (`agentsleep sleep-worker`), for hosts that hand sleeps to other processes.
+* `AgentHost` — agents' turns on an engine with background sleeps and compare-and-set snapshots; `park` hands an
+  agent's sleep to `SleepWorker` — procrastinate workers consolidating agents queued in a Postgres store
+  (`agentsleep sleep-worker`).
 """
 
 from agentsleep.memory.policy import SleepPolicy
@@ -24,7 +25,7 @@ from agentsleep.memory.scheduler import (
 from agentsleep.memory.tokens import EncodingName, TokenCounter, offline_encoding
 
 # The host and the sleep worker pull in torch and the runtime: import them only when asked for.
-_LAZY = {"AgentHost": "host", "TurnResult": "host", "SleepWorker": "worker"}
+_LAZY = {"AgentHost": "host", "ParkResult": "host", "TurnResult": "host", "SleepWorker": "worker"}
 
 
 def __getattr__(name: str) -> object:
@@ -39,6 +40,7 @@ __all__ = [
     "AgentHost",
     "EncodingName",
     "ManualClock",
+    "ParkResult",
     "SchedulerStats",
     "SleepHandle",
     "SleepJob",

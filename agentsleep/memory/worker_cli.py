@@ -1,8 +1,9 @@
-"""``agentsleep sleep-worker``: consume sleep jobs from a shared snapshot store (see `agentsleep.memory.worker`).
+"""``agentsleep sleep-worker``: a procrastinate worker running the sleep jobs queued in a Postgres snapshot store
+(see `agentsleep.memory.worker`).
 
-Exit codes: 0 success (a job that failed is an outcome recorded in the store, not a worker failure); 2 bad usage,
-argument or checkpoint; 5 the store failed (database unreachable, schema newer than this agentsleep); 1 anything
-else. Errors print one line, ``error: ...``, on stderr.
+Exit codes: 0 success (a job that failed is an outcome recorded in the queue, not a worker failure); 2 bad usage,
+argument or checkpoint, or a SQLite store (no workers there); 5 the store failed (database unreachable, schema newer
+than this agentsleep); 1 anything else. Errors print one line, ``error: ...``, on stderr.
 """
 
 from __future__ import annotations
@@ -16,11 +17,25 @@ from types import FrameType
 
 import click
 
-from agentsleep.errors import AgentSleepError, CheckpointError, ConfigError, InvalidInput, StoreError
-from agentsleep.memory.worker import DEFAULT_STALE_AFTER_S, SleepWorker
+from agentsleep.errors import (
+    AgentSleepError,
+    CheckpointError,
+    ConfigError,
+    InvalidInput,
+    StoreError,
+    UnsupportedBackend,
+)
+from agentsleep.memory.worker import (
+    DEFAULT_HEARTBEAT_S,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_POLL_S,
+    DEFAULT_STALLED_AFTER_S,
+    JobReport,
+    SleepWorker,
+)
 from agentsleep.runtime.torch_engine import TorchEngine
 from agentsleep.store.cli import blob_dir_option, url_option
-from agentsleep.store.records import SleepJobRecord
+from agentsleep.store.engine import normalise_url, one_line
 from agentsleep.store.store import SnapshotStore
 
 EXIT_USAGE, EXIT_STORE = 2, 5
@@ -32,15 +47,6 @@ def _exit_code(e: AgentSleepError) -> int:
     if isinstance(e, StoreError):
         return EXIT_STORE
     return 1
-
-
-def _describe(job: SleepJobRecord) -> str:
-    line = f"job {job.id} agent {job.agent_id}: {job.status}"
-    if job.result_snapshot_id is not None:
-        return f"{line} -> snapshot {job.result_snapshot_id}"
-    if job.error is not None:
-        return f"{line}: {job.error}"
-    return f"{line} (nothing to consolidate)" if job.status == "done" else line
 
 
 @contextmanager
@@ -71,29 +77,45 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     type=click.Path(exists=True, file_okay=False),
     help="Model checkpoint directory (config.json, model.safetensors): the model the agents' snapshots were made with.",
 )
-@url_option("Store database URL (env AGENTSLEEP_STORE_URL); Postgres to share jobs between workers on many hosts.")
+@url_option("Postgres store URL (env AGENTSLEEP_STORE_URL): its database holds the job queue shared by all workers.")
 @blob_dir_option
 @click.option(
     "--passes", type=click.IntRange(min=1), default=None, help="Sleep passes N for jobs that name none [checkpoint's]."
 )
+@click.option("--once", is_flag=True, help="Run at most one waiting job, then exit.")
+@click.option("--max-jobs", type=click.IntRange(min=1), default=None, help="Exit after this many job attempts.")
+@click.option("--drain", is_flag=True, help="Exit once no job waits (instead of waiting for more).")
+@click.option("--worker-id", default=None, help="Name recorded in the snapshots and logs [host:pid:random].")
+@click.option(
+    "--heartbeat",
+    "heartbeat_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_HEARTBEAT_S,
+    show_default=True,
+    help="Seconds between heartbeats (and looks for jobs of dead workers).",
+)
+@click.option(
+    "--stalled-after",
+    "stalled_after_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_STALLED_AFTER_S,
+    show_default=True,
+    help="A worker silent this many seconds is presumed dead; its running job goes back to the queue.",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_ATTEMPTS,
+    show_default=True,
+    help="Attempts per job (retries of store errors and recoveries included) before it fails for good.",
+)
 @click.option(
     "--poll",
     "poll_s",
-    type=click.FloatRange(min=0),
-    default=1.0,
-    show_default=True,
-    help="Seconds to wait when there is no job.",
-)
-@click.option("--once", is_flag=True, help="Process at most one job, then exit.")
-@click.option("--max-jobs", type=click.IntRange(min=1), default=None, help="Exit after this many jobs.")
-@click.option("--worker-id", default=None, help="Name recorded on claimed jobs and snapshots [host:pid:random].")
-@click.option(
-    "--stale-after",
-    "stale_after_s",
     type=click.FloatRange(min=0, min_open=True),
-    default=DEFAULT_STALE_AFTER_S,
+    default=DEFAULT_POLL_S,
     show_default=True,
-    help="Take over running jobs claimed longer ago than this many seconds (their worker died).",
+    help="Seconds between looks for jobs whose retry delay ran out (new jobs arrive at once).",
 )
 @click.option("--device", default="cpu", show_default=True, help="Torch device for the model.")
 def sleep_worker(
@@ -101,47 +123,69 @@ def sleep_worker(
     url: str,
     blob_dir: str | None,
     passes: int | None,
-    poll_s: float,
     once: bool,
     max_jobs: int | None,
+    drain: bool,
     worker_id: str | None,
-    stale_after_s: float,
+    heartbeat_s: float,
+    stalled_after_s: float,
+    max_attempts: int,
+    poll_s: float,
     device: str,
 ) -> None:
-    """Consume sleep jobs (`SnapshotStore.enqueue_sleep`) from the store: load each agent's current snapshot, sleep
-    its window with N passes, save the result (a compare-and-set: a newer snapshot is never overwritten) and record
-    the job's outcome. Any number of workers may share one Postgres store; each job is done by one of them.
+    """Run the sleep jobs queued with `SnapshotStore.enqueue_sleep` (procrastinate, on the Postgres store): load each
+    agent's current snapshot, sleep its window with N passes, save the result (a compare-and-set: a newer snapshot is
+    never overwritten). Any number of workers may share one store; each job is done by one of them, a job of a dead
+    worker is taken over once its heartbeat stops, and store errors are retried with backoff.
 
-    Prints one line per job. SIGINT / SIGTERM stop the worker after the job in hand.
+    Prints one line per job attempt. SIGINT / SIGTERM stop the worker after the job in hand.
     """
     try:
-        try:
-            engine = TorchEngine.from_pretrained(checkpoint, passes=passes, device=device)
-        except (RuntimeError, ValueError) as e:  # torch: an unknown device; our typed errors pass through
-            if isinstance(e, AgentSleepError):
-                raise
-            raise ConfigError(f"cannot load the checkpoint {checkpoint!r} on device {device!r}: {e}") from e
-        with SnapshotStore(url, blob_dir=blob_dir) as store:
-            worker = SleepWorker(engine, store, worker_id=worker_id, passes=passes, stale_after_s=stale_after_s)
+        if normalise_url(url).get_backend_name() != "postgresql":  # before opening or loading anything
+            raise UnsupportedBackend(
+                f"sleep workers need a Postgres store (procrastinate is a Postgres task queue), not {url!r}; with "
+                "SQLite, AgentHost sleeps its agents in process: no workers needed"
+            )
+        with SnapshotStore(url, blob_dir=blob_dir, create=False) as store:
+            try:
+                engine = TorchEngine.from_pretrained(checkpoint, passes=passes, device=device)
+            except (RuntimeError, ValueError) as e:  # torch: an unknown device; our typed errors pass through
+                if isinstance(e, AgentSleepError):
+                    raise
+                raise ConfigError(f"cannot load the checkpoint {checkpoint!r} on device {device!r}: {e}") from e
+            worker = SleepWorker(
+                engine,
+                store,
+                worker_id=worker_id,
+                passes=passes,
+                heartbeat_s=heartbeat_s,
+                stalled_after_s=stalled_after_s,
+                max_attempts=max_attempts,
+                poll_s=poll_s,
+            )
             click.echo(
                 f"sleep-worker {worker.worker_id}: model {engine.fingerprint} (L={engine.window}, N={engine.passes}), "
-                f"store {store.url}",
+                f"store {store.url}, queue {worker.queue}",
                 err=True,
             )
+
+            def report(r: JobReport) -> None:
+                click.echo(r.line())
+
             if once:
-                job = worker.run_once()
-                click.echo(_describe(job) if job is not None else "no pending sleep job")
+                if worker.run_once_reporting(report) is None:
+                    click.echo("no waiting sleep job")
                 return
             stop = threading.Event()
             with _stop_on_signals(stop):
-                n = worker.run(poll_s=poll_s, stop=stop, max_jobs=max_jobs, on_job=lambda j: click.echo(_describe(j)))
+                n = worker.run(stop=stop, max_jobs=max_jobs, wait=not drain, on_job=report)
     except AgentSleepError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {one_line(e)}", err=True)
         sys.exit(_exit_code(e))
     except OSError as e:  # e.g. an unreadable checkpoint file
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {one_line(e)}", err=True)
         sys.exit(EXIT_USAGE)
-    click.echo(f"{n} job{'s' if n != 1 else ''} processed", err=True)
+    click.echo(f"{n} job attempt{'s' if n != 1 else ''} processed", err=True)
 
 
 __all__ = ["sleep_worker"]

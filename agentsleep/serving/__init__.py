@@ -25,8 +25,9 @@ _LAZY = {
     "SleepHybridForCausalLM": "agentsleep.serving.model",
     "SleepHybridHFConfig": "agentsleep.serving.config",
     "AgentMemoryMiddleware": "agentsleep.serving.server",
-    "AgentTurns": "agentsleep.serving.server",
+    "AgentTurns": "agentsleep.serving.turns",
     "AgentParams": "agentsleep.serving.params",
+    "ConnectorParams": "agentsleep.serving.params",
     "register": "agentsleep.serving.plugin",
     "serve": "agentsleep.serving.cli",
 }

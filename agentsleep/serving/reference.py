@@ -27,4 +27,10 @@ def reference_model(path: str | Path) -> SleepHybrid:
         return model
 
 
-__all__ = ["reference_model"]
+def model_fingerprint(path: str | Path) -> str:
+    """The fingerprint snapshots of the checkpoint at ``path`` must carry. Every check in `agentsleep.serving` (server,
+    connector, `VLLMEngine`) asks here, and hands it to `SnapshotStore.load` / `latest`, which compare."""
+    return reference_model(path).fingerprint
+
+
+__all__ = ["model_fingerprint", "reference_model"]

@@ -2,40 +2,48 @@
 
 vLLM's server (``python -m vllm.entrypoints.openai.api_server``) runs the model and the fast-weight connector; this
 middleware (``--middleware agentsleep.serving.server.AgentMemoryMiddleware``) turns a completion request that names
-an agent into one window of that agent and keeps the agent's memory between requests:
+an agent into one window of that agent, and owns the agent's memory between requests:
 
-1. ``POST /v1/completions`` with top-level ``"kv_transfer_params": {"agent_id": ...}`` (other requests pass through
-   untouched). The ``prompt`` (text or token ids) is the agent's *new input*, not its history.
-2. The agent's current snapshot is looked up in the `SnapshotStore`: unknown agent → 404, a snapshot of another model
-   → 409 (send ``"restore": false`` to start an agent from zero state).
+1. ``POST /v1/completions`` with top-level ``"kv_transfer_params": {"agent_id": ...}`` (docs/serving.md). The
+   ``prompt`` (text or token ids) is the agent's *new input*, not its history. A server started for agents refuses
+   every other generating request with 400 (``--allow-stateless`` lets them through to plain vLLM).
+2. The agent's memory comes from this host's resident copy when the store's current snapshot id (one indexed read)
+   still names it; otherwise (another host or a sleep moved the agent on) from the store. Unknown agent → 404, a
+   snapshot of another model → 409.
 3. If the input and ``max_tokens`` do not fit beside the window, the agent sleeps first (`SleepScheduler.sleep_now`,
-   the only sleep on the response path); input that cannot fit even an empty window → 400.
-4. The request is rewritten to ``prompt = [BOS] + window + input`` (token ids) with the snapshot to restore, and
-   vLLM serves it; the connector saves (S, window + input + reply) as the agent's new snapshot before the response
-   is sent, and the response's ``kv_transfer_params`` report it.
-5. The scheduler is told the new window size and sleeps the agent in the background once the policy's threshold is
-   reached (PyTorch, same weights), so sleep stays off the response path.
+   the only sleep on the response path).
+4. The request goes to vLLM as ``prompt = [BOS] + window + input`` (token ids); the connector restores S into the
+   window header (computed once per S, resident in the engine).
+5. When vLLM's answer is complete — whatever ended it: length, EOS, a stop string — the turn is saved as (S, window +
+   input + reply) with a compare-and-set on the snapshot the turn started from, in a worker thread (the engine loop
+   and the event loop stay free), and only then is the reply sent, with ``kv_transfer_params`` reporting the new
+   snapshot. A stream sends its tokens as they come and holds the final ``[DONE]`` until the save is durable.
+6. A lost compare-and-set (another host saved a turn of the same agent meanwhile) re-runs the turn on the agent's new
+   memory, up to ``conflict_retries`` times, then answers 409; a stream cannot be re-run and ends with a 409 error
+   event. An acknowledged turn is therefore always in the agent's lineage, and a refused one never is.
+7. An optional ``turn_id`` makes a turn idempotent: a repeated id returns the stored reply and saves nothing.
 
-Requests of one agent are served one at a time; a background sleep and a request of the same agent exclude each
-other. Errors are OpenAI-style JSON (``{"error": {"message", "type", "param", "code"}}``) and never stop the server.
-
-Configuration comes from ``AGENTSLEEP_SERVE_*`` environment variables (`ServeSettings`, set by ``agentsleep serve``)
-and the sleep policy from ``AGENTSLEEP_SLEEP_*`` (`SleepPolicy.from_env`).
+Requests of one agent are served one at a time per host; a background sleep and a request of the same agent exclude
+each other. Errors are OpenAI-style JSON (``{"error": {"message", "type", "param", "code"}}``) and never stop the
+server. Configuration: ``AGENTSLEEP_SERVE_*`` environment variables (`ServeSettings`, set by ``agentsleep serve``);
+the sleep policy: ``AGENTSLEEP_SLEEP_*`` (`SleepPolicy.from_env`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import difflib
 import json
 import logging
 import os
-import threading
+import time
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -44,21 +52,21 @@ from agentsleep.errors import (
     ConfigError,
     InvalidInput,
     SleepFailed,
+    SnapshotConflict,
     SnapshotCorrupt,
     SnapshotMismatch,
+    StoreError,
     UnknownAgent,
     UnknownSnapshot,
     WindowOverflow,
 )
 from agentsleep.memory.policy import ENV_PREFIX as POLICY_ENV_PREFIX
 from agentsleep.memory.policy import SleepPolicy
-from agentsleep.memory.scheduler import SleepOutcome, SleepRequest, SleepScheduler
-from agentsleep.model.hybrid import SleepHybrid
-from agentsleep.runtime.engine import check_token_ids
 from agentsleep.runtime.text import TOKENIZER_FILE, TextCodec
-from agentsleep.serving.params import AgentParams
+from agentsleep.serving.params import FIELD, AgentParams
 from agentsleep.serving.reference import reference_model
-from agentsleep.store import LoadedSnapshot, SnapshotStore
+from agentsleep.serving.turns import AgentTurns, Turn
+from agentsleep.store import SnapshotRecord, SnapshotStore
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +74,12 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 SERVE_ENV_PREFIX = "AGENTSLEEP_SERVE_"
 AGENT_PATH = "/v1/completions"
-OTHER_PATHS = ("/v1/chat/completions", "/v1/responses")
-DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default
-# Request fields an agent turn cannot honour: several choices would each continue the same memory; prompt log-probs
-# make vLLM skip the connector (the restored S would be silently dropped); streaming is not implemented here.
-UNSUPPORTED = {"stream": (False, None), "n": (1, None), "best_of": (1, None), "echo": (False, None),
-               "prompt_logprobs": (None,), "suffix": (None,)}  # fmt: skip
+AGENT_ONLY_PATHS = ("/v1/chat/completions", "/v1/responses")  # agent fields there: "use /v1/completions"
+HARMLESS_POSTS = ("/tokenize", "/detokenize")  # served without an agent even when stateless requests are refused
 
 
 class ServeSettings(BaseSettings):
@@ -86,6 +91,9 @@ class ServeSettings(BaseSettings):
     store_url: str = "sqlite:///agentsleep.db"
     blob_dir: str | None = None
     sleep_workers: int = 1
+    allow_stateless: bool = False  # let requests without an agent through to plain vLLM
+    resident_agents: int = 256  # agents whose memory (S + window) this host keeps between turns
+    conflict_retries: int = 3  # re-runs of a turn whose compare-and-set lost to another host
 
 
 class HTTPError(Exception):
@@ -95,9 +103,11 @@ class HTTPError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
+    def payload(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+
     def body(self) -> bytes:
-        err = {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}
-        return json.dumps({"error": err}).encode()
+        return json.dumps(self.payload()).encode()
 
 
 def http_error(e: BaseException) -> HTTPError:
@@ -106,198 +116,25 @@ def http_error(e: BaseException) -> HTTPError:
         return e
     msg = str(e)
     if isinstance(e, UnknownAgent | UnknownSnapshot):
-        return HTTPError(404, msg, type(e).__name__, "kv_transfer_params")
+        return HTTPError(404, msg, type(e).__name__, FIELD)
     if isinstance(e, SnapshotMismatch):
-        return HTTPError(409, msg, type(e).__name__, "kv_transfer_params.snapshot_id")
+        return HTTPError(409, msg, type(e).__name__, f"{FIELD}.snapshot_id")
+    if isinstance(e, SnapshotConflict):
+        return HTTPError(409, msg, type(e).__name__, f"{FIELD}.agent_id")
     if isinstance(e, WindowOverflow):
         return HTTPError(400, msg, type(e).__name__, "prompt")
     if isinstance(e, InvalidInput):
         return HTTPError(400, msg, type(e).__name__, None)
     if isinstance(e, SnapshotCorrupt):
         return HTTPError(500, msg, type(e).__name__, None)
-    if isinstance(e, SleepFailed):
+    if isinstance(e, SleepFailed | StoreError):
         return HTTPError(503, msg, type(e).__name__, None)
     if isinstance(e, AgentSleepError):
         return HTTPError(500, msg, type(e).__name__, None)
     return HTTPError(500, f"internal error: {type(e).__name__}: {e}", "InternalServerError", None)
 
 
-@dataclass
-class Turn:
-    """One agent request after `AgentTurns.prepare`: the rewritten body and what to report afterwards."""
-
-    agent_id: str
-    body: dict[str, Any]
-    lock: threading.Lock
-
-
-class AgentTurns:
-    """Agents' memories on the server side: snapshot lookups, window composition, and sleeps through the scheduler.
-
-    Args:
-        model: the reference model (sleeps run on it, in PyTorch); its config gives L, N and the BOS.
-        store: the snapshot store shared with the connector.
-        codec: the tokenizer for text prompts (None: token-id prompts only).
-        policy: when to sleep (default: L and N of the model).
-    """
-
-    def __init__(
-        self,
-        model: SleepHybrid,
-        store: SnapshotStore,
-        codec: TextCodec | None = None,
-        policy: SleepPolicy | None = None,
-        *,
-        sleep_workers: int = 1,
-    ) -> None:
-        cfg = model.config
-        if cfg.bos_token_id is None:
-            raise InvalidInput("agentsleep serve needs a checkpoint with bos_token_id: every window opens with it")
-        self.model, self.store, self.codec = model, store, codec
-        self.L = cfg.window
-        self.policy = policy or SleepPolicy(window=cfg.window, passes=cfg.passes)
-        self.scheduler = SleepScheduler(self._sleep_job, self.policy, max_workers=sleep_workers)
-        self._locks: dict[str, threading.Lock] = {}
-        self._async_locks: dict[str, asyncio.Lock] = {}
-        self._guard = threading.Lock()
-
-    def close(self) -> None:
-        self.scheduler.shutdown(wait=False, cancel_pending=True)
-
-    def agent_lock(self, agent_id: str) -> threading.Lock:
-        """Excludes a background sleep and a request of the same agent from each other."""
-        with self._guard:
-            return self._locks.setdefault(agent_id, threading.Lock())
-
-    def request_lock(self, agent_id: str) -> asyncio.Lock:
-        """Serialises requests of one agent (event-loop side)."""
-        return self._async_locks.setdefault(agent_id, asyncio.Lock())
-
-    # ------------------------------------------------------------------ request path (called in worker threads)
-
-    def input_ids(self, body: dict[str, Any]) -> list[int]:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str):
-            if len(prompt) != 1:
-                raise InvalidInput("an agent request takes one prompt (one turn), not a batch of prompts")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            if self.codec is None:
-                raise InvalidInput("this checkpoint has no tokenizer.json: send the prompt as token ids")
-            return check_token_ids(self.codec.encode(prompt), self.model.config.vocab_size, what="prompt")
-        return check_token_ids(prompt, self.model.config.vocab_size, what="prompt")
-
-    def snapshot(self, params: AgentParams) -> LoadedSnapshot | None:
-        """The snapshot the turn starts from (None: zero state, empty window)."""
-        if not params.restore:
-            return None
-        fp = self.model.fingerprint
-        if params.snapshot_id is not None:
-            return self.store.load(params.snapshot_id, fingerprint=fp)
-        try:
-            return self.store.latest(params.agent_id, fingerprint=fp)
-        except UnknownAgent as e:
-            raise UnknownAgent(
-                f"unknown agent {params.agent_id!r}: no snapshot in the store; send kv_transfer_params.restore=false "
-                "to start a new agent"
-            ) from e
-
-    def prepare(self, params: AgentParams, body: dict[str, Any]) -> Turn:
-        """Validate, make room (sleeping if needed), and compose the vLLM request. Runs with no lock held."""
-        for key, allowed in UNSUPPORTED.items():
-            if key in body and body[key] not in allowed:
-                raise InvalidInput(f"{key}={body[key]!r} is not supported for agent requests (kv_transfer_params)")
-        if params.sleep or not params.save:
-            raise InvalidInput("agent requests always save their turn; 'sleep' and 'save' are for VLLMEngine")
-        ids = self.input_ids(body)
-        max_tokens = body.get("max_tokens", DEFAULT_MAX_TOKENS)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise InvalidInput(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        incoming = len(ids) + max_tokens
-        if incoming > self.L + 1:  # the window (L) plus the reply's last token, which is never fed
-            raise WindowOverflow(
-                f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) do not fit one window "
-                f"(L={self.L}, +1 for the reply's last token); shorten them or split the input into several turns"
-            )
-        self.scheduler.notify_turn(params.agent_id)
-        try:
-            return self._compose(params, body, ids, incoming)
-        except BaseException:
-            self.scheduler.turn_finished(params.agent_id)  # release the sleeps this turn held
-            raise
-
-    def _compose(self, params: AgentParams, body: dict[str, Any], ids: list[int], incoming: int) -> Turn:
-        snap = self.snapshot(params)
-        if snap is not None and params.snapshot_id is None and self._must_sleep(len(snap.window), incoming):
-            self.scheduler.sleep_now(params.agent_id)  # the only sleep on the response path
-        lock = self.agent_lock(params.agent_id)
-        lock.acquire()
-        try:
-            if params.restore and params.snapshot_id is None:
-                snap = self.snapshot(params)  # re-read under the lock: a sleep may have just committed
-            window = list(snap.window) if snap is not None else []
-            if len(window) + incoming > self.L + 1:
-                raise WindowOverflow(
-                    f"snapshot {snap.record.id if snap else None} holds {len(window)} window tokens; with this "
-                    f"input ({incoming} tokens incl. max_tokens) it exceeds the window L={self.L}; revive it and sleep "
-                    "first"
-                )
-            out = {k: v for k, v in body.items() if k not in ("kv_transfer_params", "prompt")}
-            out["prompt"] = [self.model.config.bos_token_id, *window, *ids]
-            out["kv_transfer_params"] = {
-                "agent_id": params.agent_id,
-                "snapshot_id": snap.record.id if snap is not None else None,
-                "restore": snap is not None,
-                "save": True,
-            }
-            return Turn(params.agent_id, out, lock)
-        except BaseException:
-            lock.release()
-            raise
-
-    def _must_sleep(self, window_tokens: int, incoming: int) -> bool:
-        limit = min(self.policy.window, self.L) + 1
-        return window_tokens > 0 and window_tokens + incoming > limit
-
-    def finish(self, turn: Turn, status: int, response: dict[str, Any] | None) -> None:
-        """After vLLM answered: release the agent and let the scheduler plan a background sleep."""
-        try:
-            kv = (response or {}).get("kv_transfer_params") or {}
-            window_tokens = kv.get("window_tokens") if status == 200 else None
-            self.scheduler.turn_finished(turn.agent_id, window_tokens=window_tokens)
-        finally:
-            turn.lock.release()
-
-    # ------------------------------------------------------------------ sleeping (scheduler worker threads)
-
-    def _sleep_job(self, request: SleepRequest) -> SleepOutcome:
-        """Consolidate the agent's window (from its current snapshot) with N passes; save (S', carried tokens)."""
-        agent_id = request.agent_id
-        with self.agent_lock(agent_id):
-            snap = self.store.latest(agent_id, fingerprint=self.model.fingerprint)
-            window = list(snap.window)
-            if not window:
-                return SleepOutcome(snapshot_id=snap.record.id, passes=0, tokens=0)
-            n = min(len(window), self.L)  # a window of L + 1 holds one waiting reply token: it opens the next one
-            tokens = torch.tensor([window[:n]], dtype=torch.long, device=self.model.device)
-            with torch.no_grad():
-                state = self.model.sleep(tokens, snap.state.to(self.model.device), request.passes).to("cpu")
-            meta = dict(snap.record.meta)
-            rec = self.store.save(
-                agent_id,
-                state,
-                window[n:],
-                reason="sleep",
-                passes=request.passes,
-                tokens_consolidated=snap.record.tokens_consolidated + n,
-                parent_id=snap.record.id,
-                metadata={**meta, "engine": "vllm-server", "sleep_count": int(meta.get("sleep_count", 0)) + 1},
-            )
-        logger.info("agent %r slept: %d tokens, N=%d -> snapshot %s", agent_id, n, request.passes, rec.id)
-        return SleepOutcome(snapshot_id=rec.id, passes=request.passes, tokens=n)
-
-
-# ---------------------------------------------------------------------------------------------------- ASGI
+# ---------------------------------------------------------------------------------------------------- ASGI plumbing
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -330,16 +167,47 @@ def _with_length(scope: Scope, body: bytes) -> Scope:
     return {**scope, "headers": headers}
 
 
-async def _send_json(send: Send, status: int, body: bytes) -> None:
+async def _send_json(send: Send, status: int, payload: dict[str, Any] | bytes) -> None:
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {data}\n\n".encode()
+
+
+def _no_agent_message(body: Any) -> str:
+    msg = (
+        f"this server serves agents: send {AGENT_PATH} with {FIELD}.agent_id (see docs/serving.md), or start it "
+        "with --allow-stateless to serve requests without memory"
+    )
+    if isinstance(body, dict):
+        if "agent_id" in body:
+            msg += f"; agent_id goes inside {FIELD}, not at the top level"
+        near = difflib.get_close_matches(FIELD, [k for k in body if isinstance(k, str)], n=1)
+        if near and near[0] != FIELD:
+            msg += f"; did you mean {FIELD!r} instead of {near[0]!r}?"
+    return msg
+
+
+@dataclass
+class _Outcome:
+    """What vLLM answered to one turn attempt."""
+
+    status: int = 500
+    reply_ids: list[int] = field(default_factory=list)
+    reply: dict[str, Any] = field(default_factory=dict)  # text, finish_reason, stop_reason
+    restored: bool | None = None  # the connector's report (None: not reported)
+    error: str | None = None  # why the answer cannot be the agent's reply
+
+
 class AgentMemoryMiddleware:
     """ASGI middleware for vLLM's API server (``--middleware agentsleep.serving.server.AgentMemoryMiddleware``)."""
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+    def __init__(self, app: App) -> None:
         self.app = app
         try:
             settings = ServeSettings()  # type: ignore[call-arg]  # from the environment
@@ -348,7 +216,8 @@ class AgentMemoryMiddleware:
                 f"AgentMemoryMiddleware is configured by {SERVE_ENV_PREFIX}* environment variables, which "
                 f"`agentsleep serve` sets ({SERVE_ENV_PREFIX}CHECKPOINT is required): {e}"
             ) from e
-        model = reference_model(settings.checkpoint)
+        self.settings = settings
+        model = reference_model(settings.checkpoint)  # the model the connector's `model_fingerprint` reads, too
         tok = settings.checkpoint / TOKENIZER_FILE
         codec = TextCodec.from_file(tok) if tok.is_file() else None
         # The checkpoint's L and N unless the environment says otherwise (SleepPolicy.from_env lets arguments win).
@@ -356,50 +225,122 @@ class AgentMemoryMiddleware:
         unset = {k: v for k, v in defaults.items() if f"{POLICY_ENV_PREFIX}{k.upper()}" not in os.environ}
         policy = SleepPolicy.from_env(**unset)
         store = SnapshotStore(settings.store_url, blob_dir=settings.blob_dir)
-        self.turns = AgentTurns(model, store, codec, policy, sleep_workers=settings.sleep_workers)
-        logger.info("agent memory on %s (L=%d, N=%d, store %s)", settings.checkpoint, model.config.window,
-                    policy.passes, store.url)  # fmt: skip
+        self.turns = AgentTurns(model, store, codec, policy, sleep_workers=settings.sleep_workers,
+                                resident_agents=settings.resident_agents)  # fmt: skip
+        # Plans and saves block on the store; threads of their own keep them off the event loop (and vLLM's engine
+        # loop runs in its own process), out of the way of vLLM's use of the default executor. SQLite takes one
+        # writer at a time and makes the others poll with growing sleeps (up to 100 ms), so on SQLite this host's
+        # saves queue on one writer thread instead; Postgres locks per agent row and writes in parallel.
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="agentsleep-turn")
+        self._writer = (
+            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentsleep-save")
+            if store.dialect == "sqlite"
+            else self._pool
+        )
+        logger.info(
+            "agent memory on %s (L=%d, N=%d, store %s%s)",
+            settings.checkpoint,
+            model.config.window,
+            policy.passes,
+            store.url,
+            ", stateless requests allowed" if settings.allow_stateless else "",
+        )
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _save(self, turn: Turn, out: _Outcome) -> SnapshotRecord:
+        """The turn's save, written behind on a store thread; the caller awaits it before acknowledging the turn."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._writer, self.turns.commit, turn, out.reply_ids, out.reply
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        if path != AGENT_PATH and path not in OTHER_PATHS:
-            return await self.app(scope, receive, send)
         try:
             raw = await _read_body(receive)
         except ConnectionError:
             return None
         try:
             body = json.loads(raw) if raw else None
-            params = AgentParams.parse(body.get("kv_transfer_params")) if isinstance(body, dict) else None
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return await self.app(scope, _replay(raw, receive), send)  # vLLM answers malformed JSON itself
-        except InvalidInput as e:
-            return await _send_json(send, 400, http_error(e).body())
-        if params is None:
-            return await self.app(scope, _replay(raw, receive), send)
-        if path != AGENT_PATH:
+            body = None
+        kv = body.get(FIELD) if isinstance(body, dict) else None
+        if path == AGENT_PATH and isinstance(body, dict) and kv is not None:
+            try:
+                params = AgentParams.parse(kv)
+            except InvalidInput as e:
+                return await _send_json(send, 400, http_error(e).body())
+            return await self._turn(scope, receive, send, params, body)
+        if path in AGENT_ONLY_PATHS and kv is not None:
             err = HTTPError(400, f"agent requests go to {AGENT_PATH} (the prompt is the agent's new input)",
-                            "InvalidInput", "kv_transfer_params")  # fmt: skip
+                            "InvalidInput", FIELD)  # fmt: skip
             return await _send_json(send, 400, err.body())
-        async with self.turns.request_lock(params.agent_id):
-            try:
-                turn = await asyncio.to_thread(self.turns.prepare, params, body)
-            except Exception as e:
-                if not isinstance(e, AgentSleepError):
-                    logger.exception("agent request of %r failed before reaching vLLM", params.agent_id)
-                err = http_error(e)
-                return await _send_json(send, err.status, err.body())
-            status, response = 500, None
-            try:
-                status, response = await self._forward(scope, receive, send, turn)
-            finally:
-                await asyncio.to_thread(self.turns.finish, turn, status, response)
+        if self.settings.allow_stateless or path in HARMLESS_POSTS:
+            return await self.app(scope, _replay(raw, receive), send)
+        return await _send_json(send, 400, HTTPError(400, _no_agent_message(body), "InvalidInput", FIELD).body())
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, turn: Turn) -> tuple[int, dict | None]:
-        """Run the rewritten request through vLLM, buffering the answer to check and report it."""
-        body = json.dumps(turn.body).encode()
+    # ------------------------------------------------------------------ one agent turn
+
+    async def _turn(self, scope: Scope, receive: Receive, send: Send, params: AgentParams, body: dict) -> None:
+        turns = self.turns
+        try:
+            ids, max_tokens = turns.check(body)
+        except AgentSleepError as e:
+            return await _send_json(send, 400, http_error(e).body())
+        stream = bool(body.get("stream"))
+        attempts = 1 + (0 if stream else max(0, self.settings.conflict_retries))
+        async with turns.request_lock(params.agent_id):
+            for attempt in range(1, attempts + 1):
+                try:
+                    turn = await self._run(turns.plan, params, body, ids, max_tokens)
+                except Exception as e:
+                    if not isinstance(e, AgentSleepError):
+                        logger.exception("agent request of %r failed before reaching vLLM", params.agent_id)
+                    return await _send_json(send, http_error(e).status, http_error(e).body())
+                window_tokens: int | None = None
+                try:
+                    if turn.replay is not None:
+                        return await self._send_replay(send, turn, body, stream)
+                    if stream:
+                        window_tokens = await self._stream(scope, receive, send, turn, body)
+                        return None
+                    again, window_tokens = await self._complete(scope, receive, send, turn, body, attempt, attempts)
+                    if not again:
+                        return None
+                finally:
+                    turns.release(turn, window_tokens)
+        return None
+
+    def _report(self, turn: Turn, rec: SnapshotRecord, attempt: int) -> dict[str, Any]:
+        """The reply's ``kv_transfer_params``: where the turn started, what it saved."""
+        out: dict[str, Any] = {
+            "agent_id": turn.agent_id,
+            "snapshot_id": rec.id,
+            "restored_from": turn.base.record.id if turn.base is not None else None,
+            "window_tokens": rec.window_len,
+            "replayed": False,
+            "attempts": attempt,
+        }
+        if turn.params.turn_id is not None:
+            out["turn_id"] = turn.params.turn_id
+        return out
+
+    async def _call(self, scope: Scope, receive: Receive, turn: Turn, on_event: Callable[..., Awaitable[None]]) -> None:
+        data = json.dumps(turn.body).encode()
+        await self.app(_with_length(scope, data), _replay(data, receive), on_event)
+
+    def _check_connector(self, turn: Turn, out: _Outcome) -> None:
+        """A reply computed from the wrong state is not the agent's: the restore must have happened as planned."""
+        if out.error is None and turn.base is not None and out.restored is not True:
+            out.error = "the agent's state was not restored into the request (see the server log)"
+
+    async def _complete(
+        self, scope: Scope, receive: Receive, send: Send, turn: Turn, body: dict, attempt: int, attempts: int
+    ) -> tuple[bool, int | None]:
+        """A non-streamed turn: vLLM's whole answer, the save, then the reply. Returns (run again, window tokens)."""
         start: Message | None = None
         chunks: list[bytes] = []
 
@@ -410,34 +351,202 @@ class AgentMemoryMiddleware:
             elif msg["type"] == "http.response.body":
                 chunks.append(msg.get("body", b""))
 
-        await self.app(_with_length(scope, body), _replay(body, receive), capture)
+        await self._call(scope, receive, turn, capture)
         payload = b"".join(chunks)
         status = int(start["status"]) if start is not None else 500
-        response = None
+        if status != 200:  # vLLM's own error (bad sampling parameters, client gone, ...): nothing to save
+            headers = [(k, v) for k, v in (start or {}).get("headers", []) if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(payload)).encode()))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": payload})
+            return False, None
+        out = _Outcome(status=status)
         try:
-            response = json.loads(payload) if payload else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            response = None
-        kv = (response or {}).get("kv_transfer_params") if isinstance(response, dict) else None
-        if status == 200 and isinstance(kv, dict) and kv.get("error"):
-            # The reply was computed from the wrong state (or not saved): do not hand it out as the agent's answer.
-            err = HTTPError(500, f"agent {turn.agent_id!r}: {kv['error']}", "EngineError", "kv_transfer_params")
+            response = json.loads(payload)
+            choice = response["choices"][0]
+            out.reply_ids = [int(t) for t in choice["token_ids"]]
+            out.reply = {k: choice.get(k) for k in ("text", "finish_reason", "stop_reason")}
+            # The connector's report is missing when vLLM's front end ended the request (a stop string); the
+            # restore also shows as the one cached prompt token (the header), which is always reported.
+            kv = response.get(FIELD) or {}
+            details = (response.get("usage") or {}).get("prompt_tokens_details") or {}
+            out.restored = kv.get("restored", details.get("cached_tokens") == 1)
+            out.error = kv.get("error")
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            response, out.error = {}, f"unreadable answer from vLLM ({type(e).__name__}: {e})"
+        self._check_connector(turn, out)
+        if out.error is not None:
+            err = HTTPError(500, f"agent {turn.agent_id!r}: {out.error}; nothing was saved", "EngineError", FIELD)
             await _send_json(send, 500, err.body())
-            return 500, None
-        headers = [(k, v) for k, v in (start or {}).get("headers", []) if k.lower() != b"content-length"]
-        headers.append((b"content-length", str(len(payload)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
-        return status, response if isinstance(response, dict) else None
+            return False, None
+        try:
+            rec = await self._save(turn, out)
+        except SnapshotConflict as e:
+            if attempt < attempts:
+                logger.info("agent %r: turn lost its compare-and-set (attempt %d/%d); re-running it on the new "
+                            "memory", turn.agent_id, attempt, attempts)  # fmt: skip
+                return True, None
+            err = HTTPError(409, f"agent {turn.agent_id!r} is being changed by another host: {e} (tried {attempts} "
+                            "times; retry the turn)", "SnapshotConflict", f"{FIELD}.agent_id")  # fmt: skip
+            await _send_json(send, 409, err.body())
+            return False, None
+        except Exception as e:
+            logger.exception("agent %r: saving the turn failed", turn.agent_id)
+            await _send_json(send, http_error(e).status, http_error(e).body())
+            return False, None
+        response[FIELD] = self._report(turn, rec, attempt)
+        if not body.get("return_token_ids"):
+            for c in response.get("choices", []):
+                c.pop("token_ids", None)
+                c.pop("prompt_token_ids", None)
+        else:
+            for c in response.get("choices", []):
+                c["prompt_token_ids"] = turn.input_ids  # the agent's input, not the composed window
+        await _send_json(send, 200, response)
+        return False, rec.window_len
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send, turn: Turn, body: dict) -> int | None:
+        """A streamed turn: vLLM's events go to the client as they come (token ids and the usage chunk this server
+        asked for are taken out unless the client asked too); the final ``[DONE]`` waits for the save. Returns the
+        saved window's size, or None when nothing was saved."""
+        want_ids = bool(body.get("return_token_ids"))
+        want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        out = _Outcome()
+        state = {"started": False, "done": False, "finish": None, "cached": None, "failed": False}
+        buf = bytearray()
+        meta: dict[str, Any] = {}
+
+        async def emit(data: bytes) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        async def on_event(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                out.status = int(msg["status"])
+                state["started"] = True
+                await send(msg)
+                return
+            if msg["type"] != "http.response.body":
+                return
+            if out.status != 200:
+                await send(msg)  # vLLM's error answer, passed through
+                return
+            buf.extend(msg.get("body", b""))
+            while (end := buf.find(b"\n\n")) >= 0:
+                event = bytes(buf[: end + 2])
+                del buf[: end + 2]
+                await handle(event)
+
+        async def handle(event: bytes) -> None:
+            data = event.strip()
+            if not data.startswith(b"data:"):
+                return await emit(event)
+            data = data[5:].strip()
+            if data == b"[DONE]":
+                state["done"] = True
+                return None  # held until the turn is saved
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                return await emit(event)
+            if "error" in obj:
+                state["failed"] = True
+                return await emit(event)
+            meta.update({k: obj[k] for k in ("id", "created", "model") if k in obj})
+            choices = obj.get("choices") or []
+            if not choices:  # the usage chunk: the connector's restore shows as one cached prompt token
+                details = (obj.get("usage") or {}).get("prompt_tokens_details") or {}
+                state["cached"] = details.get("cached_tokens")
+                return await emit(event) if want_usage else None
+            for c in choices:
+                out.reply_ids.extend(int(t) for t in c.get("token_ids") or [])
+                out.reply["text"] = out.reply.get("text", "") + (c.get("text") or "")
+                if c.get("finish_reason") is not None:
+                    state["finish"] = c["finish_reason"]
+                    out.reply.update(finish_reason=c["finish_reason"], stop_reason=c.get("stop_reason"))
+                if not want_ids:
+                    c.pop("token_ids", None)
+                    c.pop("prompt_token_ids", None)
+                elif c.get("prompt_token_ids") is not None:
+                    c["prompt_token_ids"] = turn.input_ids
+            return await emit(_sse(obj))
+
+        await self._call(scope, receive, turn, on_event)
+        if not state["started"] or out.status != 200:
+            if state["started"]:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return None
+        if state["failed"] or not state["done"] or state["finish"] is None:
+            # vLLM reported an error, or the stream was cut (client gone): not a complete turn, nothing saved
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return None
+        out.restored = state["cached"] == 1 if turn.base is not None else None
+        self._check_connector(turn, out)
+        rec: SnapshotRecord | None = None
+        error: HTTPError | None = None
+        if out.error is not None:
+            error = HTTPError(500, f"agent {turn.agent_id!r}: {out.error}; nothing was saved", "EngineError", FIELD)
+        else:
+            try:
+                rec = await self._save(turn, out)
+            except SnapshotConflict as e:
+                error = HTTPError(
+                    409,
+                    f"agent {turn.agent_id!r} was changed by another host during this stream: "
+                    f"{e}; nothing was saved, retry the turn",
+                    "SnapshotConflict",
+                    f"{FIELD}.agent_id",
+                )
+            except Exception as e:
+                logger.exception("agent %r: saving the streamed turn failed", turn.agent_id)
+                error = http_error(e)
+        if error is not None:
+            await emit(_sse(error.payload()))
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return None
+        assert rec is not None
+        final = {**meta, "object": "text_completion", "choices": [], FIELD: self._report(turn, rec, 1)}
+        await emit(_sse(final))
+        await send({"type": "http.response.body", "body": _sse("[DONE]"), "more_body": False})
+        return rec.window_len
+
+    async def _send_replay(self, send: Send, turn: Turn, body: dict, stream: bool) -> None:
+        """A repeated turn id: the stored reply, as it was first sent (nothing is run or saved)."""
+        rec = turn.replay
+        assert rec is not None
+        stored = rec.meta.get("turn") or {}
+        report = {
+            "agent_id": turn.agent_id,
+            "snapshot_id": rec.id,
+            "restored_from": rec.parent_id,
+            "window_tokens": rec.window_len,
+            "replayed": True,
+            "attempts": 0,
+            "turn_id": turn.params.turn_id,
+        }
+        choice: dict[str, Any] = {
+            "index": 0,
+            "text": stored.get("text") or "",
+            "logprobs": None,
+            "finish_reason": stored.get("finish_reason"),
+            "stop_reason": stored.get("stop_reason"),
+        }
+        if body.get("return_token_ids"):
+            choice["token_ids"] = list(stored.get("token_ids") or [])
+            choice["prompt_token_ids"] = turn.input_ids
+        head = {"id": f"cmpl-replay-{uuid.uuid4().hex[:16]}", "object": "text_completion", "created": int(time.time()),
+                "model": body.get("model")}  # fmt: skip
+        n_out = len(stored.get("token_ids") or [])
+        usage = {"prompt_tokens": len(turn.input_ids), "completion_tokens": n_out,
+                 "total_tokens": len(turn.input_ids) + n_out}  # fmt: skip
+        if not stream:
+            return await _send_json(send, 200, {**head, "choices": [choice], "usage": usage, FIELD: report})
+        headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        events = [_sse({**head, "choices": [choice]})]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append(_sse({**head, "choices": [], "usage": usage}))
+        events += [_sse({**head, "choices": [], FIELD: report}), _sse("[DONE]")]
+        await send({"type": "http.response.body", "body": b"".join(events), "more_body": False})
 
 
-__all__ = [
-    "AGENT_PATH",
-    "SERVE_ENV_PREFIX",
-    "AgentMemoryMiddleware",
-    "AgentTurns",
-    "HTTPError",
-    "ServeSettings",
-    "Turn",
-    "http_error",
-]
+__all__ = ["AGENT_PATH", "SERVE_ENV_PREFIX", "AgentMemoryMiddleware", "HTTPError", "ServeSettings", "http_error"]

@@ -26,6 +26,7 @@ from agentsleep.errors import (
     UnknownSnapshot,
 )
 from agentsleep.model.fingerprint import checkpoint_fingerprint
+from agentsleep.store.engine import one_line
 from agentsleep.store.records import SnapshotRecord
 from agentsleep.store.store import DEFAULT_URL, SnapshotStore
 
@@ -55,17 +56,21 @@ def _errors(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except AgentSleepError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {one_line(e)}", err=True)
             sys.exit(_exit_code(e))
+        except OSError as e:  # a file we were asked to read or write (export -o, import FILE)
+            click.echo(f"error: {one_line(e)}", err=True)
+            sys.exit(EXIT_USAGE)
 
     return wrapper
 
 
-def _store(ctx: click.Context) -> SnapshotStore:
-    """Open the store on first use, so `--help` never touches a database."""
+def _store(ctx: click.Context, *, create: bool = False) -> SnapshotStore:
+    """Open the store on first use, so `--help` never touches a database. Only ``import`` may create a store: a
+    mistyped URL must not leave an empty database (or directory) behind a ``list``."""
     obj: dict[str, Any] = ctx.ensure_object(dict)
     if "store" not in obj:
-        obj["store"] = ctx.with_resource(SnapshotStore(obj["url"], blob_dir=obj["blob_dir"]))
+        obj["store"] = ctx.with_resource(SnapshotStore(obj["url"], blob_dir=obj["blob_dir"], create=create))
     return obj["store"]
 
 
@@ -194,7 +199,7 @@ def export_(ctx: click.Context, snapshot_id: str, output: str) -> None:
 def import_(ctx: click.Context, file: str, agent_id: str | None) -> None:
     """Import an exported snapshot as the newest snapshot of an agent; prints the new snapshot id."""
     data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
-    rec = _store(ctx).import_snapshot(data, agent_id=agent_id)
+    rec = _store(ctx, create=True).import_snapshot(data, agent_id=agent_id)
     click.echo(rec.id)
     click.echo(f"imported as agent {rec.agent_id!r} seq {rec.seq}", err=True)
 

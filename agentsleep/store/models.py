@@ -1,8 +1,9 @@
-"""SQLAlchemy 2.0 models of the snapshot store: `Agent`, `Snapshot`, `SleepJob`.
+"""SQLAlchemy 2.0 models of the snapshot store: `Agent`, `Snapshot`.
 
 An agent's memory is its fast weights plus its current window; a `Snapshot` row holds both (the payload, see
 `payload.py`) with its lineage and metadata. `Agent.current_snapshot_id` points at the snapshot the agent revives from.
 The schema itself is owned by the Alembic migrations in `migrations/versions/`; a test checks they equal these models.
+Sleep jobs live in procrastinate's own tables (installed by migration 0004 on Postgres, see `jobs.py`), not here.
 """
 
 from __future__ import annotations
@@ -101,9 +102,6 @@ class Agent(Base):
         passive_deletes=True,
     )
     current_snapshot: Mapped[Snapshot | None] = relationship(foreign_keys=[current_snapshot_id], post_update=True)
-    jobs: Mapped[list[SleepJob]] = relationship(
-        back_populates="agent", cascade="all, delete-orphan", passive_deletes=True
-    )
 
     def __repr__(self) -> str:
         return f"Agent(id={self.id!r}, fingerprint={self.fingerprint!r}, current={self.current_snapshot_id!r})"
@@ -142,6 +140,9 @@ class Snapshot(Base):
     # Deferred: listing and history never pull payloads; load() undefers it explicitly.
     payload: Mapped[bytes | None] = mapped_column(deferred=True)
     payload_path: Mapped[str | None] = mapped_column(String(200))  # relative to the store's blob_dir
+    # sha256 over the fields above that describe the memory (digest.py); NULL never verifies. Nullable in the schema
+    # only because SQLite cannot add a NOT NULL column to existing rows without rebuilding the table (migration 0003).
+    record_sha256: Mapped[str | None] = mapped_column(String(64))
 
     agent: Mapped[Agent] = relationship(back_populates="snapshots", foreign_keys=[agent_id])
     parent: Mapped[Snapshot | None] = relationship(remote_side=[id], back_populates="children")
@@ -158,31 +159,4 @@ Index("ix_snapshots_parent_id", Snapshot.parent_id)
 Index("ix_snapshots_payload_path", Snapshot.payload_path)  # reference counting of content-addressed files
 
 
-class SleepJob(Base):
-    """A queued sleep (consolidation) for one agent, claimed by any worker with FOR UPDATE SKIP LOCKED."""
-
-    __tablename__ = "sleep_jobs"
-    __table_args__ = (
-        CheckConstraint("status IN ('pending', 'running', 'done', 'failed')", name="status_known"),
-        Index("ix_sleep_jobs_status_id", "status", "id"),
-    )
-
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
-    agent_id: Mapped[str] = mapped_column(String(ID_LEN), ForeignKey("agents.id", ondelete="CASCADE"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="pending")
-    params: Mapped[dict[str, Any] | None]
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    claimed_at: Mapped[datetime | None]
-    claimed_by: Mapped[str | None] = mapped_column(String(ID_LEN))
-    finished_at: Mapped[datetime | None]
-    attempts: Mapped[int] = mapped_column(default=0)
-    error: Mapped[str | None]
-    result_snapshot_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("snapshots.id", ondelete="SET NULL"))
-
-    agent: Mapped[Agent] = relationship(back_populates="jobs")
-
-    def __repr__(self) -> str:
-        return f"SleepJob(id={self.id}, agent={self.agent_id!r}, status={self.status!r}, attempts={self.attempts})"
-
-
-__all__ = ["NAMING_CONVENTION", "Agent", "Base", "SleepJob", "Snapshot", "UTCDateTime", "utcnow"]
+__all__ = ["NAMING_CONVENTION", "Agent", "Base", "Snapshot", "UTCDateTime", "utcnow"]

@@ -77,7 +77,12 @@ def canonical(data: bytes) -> bytes:
     file. Tensor data and offsets are untouched; the header is re-padded with spaces to 8 bytes as the format asks.
     """
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    if len(data) < 8 or n <= 0 or n > _MAX_HEADER or 8 + n > len(data):
+        raise SnapshotCorrupt("not a safetensors payload (bad header length): truncated or damaged")
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SnapshotCorrupt(f"safetensors header is not valid JSON ({e}): damaged") from e
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + data[8 + n :]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from agentsleep.model.state import FastWeights
-    from agentsleep.store.models import Agent, SleepJob, Snapshot
+    from agentsleep.store.models import Agent, Snapshot
 
 Storage = Literal["inline", "file"]
 
@@ -33,6 +33,7 @@ class SnapshotRecord:
     storage: Storage
     thread_id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    record_sha256: str | None = None  # checksum of the fields above that describe the memory (store/digest.py)
 
     @classmethod
     def from_row(cls, s: Snapshot) -> SnapshotRecord:
@@ -53,6 +54,7 @@ class SnapshotRecord:
             storage="file" if s.payload_path is not None else "inline",
             thread_id=s.thread_id,
             meta=dict(s.meta or {}),
+            record_sha256=s.record_sha256,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,40 +105,31 @@ class LoadedSnapshot:
     window: list[int]
 
 
-JobStatus = Literal["pending", "running", "done", "failed"]
+JobStatus = Literal["todo", "doing", "succeeded", "failed", "cancelled", "aborting", "aborted"]
+"""procrastinate's job states: waiting, running, and the final ones (``aborting`` is a legacy state it never sets)."""
 
 
 @dataclass(frozen=True, slots=True)
 class SleepJobRecord:
-    """A queued, running or finished sleep job."""
+    """A sleep job in procrastinate's queue (see `SnapshotStore.enqueue_sleep`).
+
+    ``passes`` is the job's N (None: the worker's default); ``attempts`` counts finished attempts (retries and
+    recoveries of a dead worker's job included); ``worker_id`` is procrastinate's id of the worker running it.
+    """
 
     id: int
     agent_id: str
     status: JobStatus
-    params: dict[str, Any]
-    created_at: datetime
-    claimed_at: datetime | None
-    claimed_by: str | None
-    finished_at: datetime | None
+    passes: int | None
     attempts: int
-    error: str | None
-    result_snapshot_id: str | None
+    queue: str
+    worker_id: int | None = None
+    scheduled_at: datetime | None = None
 
-    @classmethod
-    def from_row(cls, j: SleepJob) -> SleepJobRecord:
-        return cls(
-            id=j.id,
-            agent_id=j.agent_id,
-            status=j.status,  # type: ignore[arg-type]  # guarded by a CHECK constraint
-            params=dict(j.params or {}),
-            created_at=j.created_at,
-            claimed_at=j.claimed_at,
-            claimed_by=j.claimed_by,
-            finished_at=j.finished_at,
-            attempts=j.attempts,
-            error=j.error,
-            result_snapshot_id=j.result_snapshot_id,
-        )
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["scheduled_at"] = self.scheduled_at.isoformat() if self.scheduled_at else None
+        return d
 
 
 __all__ = ["AgentRecord", "LoadedSnapshot", "SleepJobRecord", "SnapshotRecord", "Storage"]

@@ -1,33 +1,35 @@
 """`SnapshotStore`: save, load, fork and prune agents' memories (fast weights + window) in SQLite or Postgres.
 
 Every public method is one unit of work (one transaction) and is safe to call from many threads, processes and hosts
-at once. Guarantees (tested in tests/store/):
+at once. Guarantees (tested in tests/store/ and tests/reliability/):
 
-- a save is atomic: the snapshot row and the agent's current pointer change together or not at all;
+- a save is atomic: the snapshot row and the agent's current pointer change together or not at all, and an
+  acknowledged save is never lost, also when its payload file is shared with an agent being pruned or deleted;
 - sequence numbers increase strictly per agent, also under concurrent writers (the agent row is the lock);
-- a load verifies the payload's sha256 before parsing anything and raises `SnapshotCorrupt` for damaged data,
-  changing nothing (the agent keeps pointing at its last good snapshot; other snapshots load fine);
+- a load verifies the payload's sha256 and the row's record checksum before parsing anything and raises
+  `SnapshotCorrupt` for damaged data, changing nothing (the agent keeps pointing at its last good snapshot);
 - an agent's model fingerprint and state shapes are fixed at its first save (`SnapshotMismatch` otherwise);
 - ``save(..., expect_current=id)`` is a compare-and-set under the agent's row lock: it writes nothing and raises
-  `SnapshotConflict` if another save made a different snapshot current first.
+  `SnapshotConflict` if another save made a different snapshot current first;
+- bad input raises a typed error (`InvalidInput`, ...) before anything is written, the same on both backends.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import math
 import re
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import torch
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, delete, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from sqlalchemy.orm import Session, undefer
 
@@ -40,14 +42,30 @@ from agentsleep.errors import (
     StoreError,
     UnknownAgent,
     UnknownSnapshot,
+    UnsupportedBackend,
 )
 from agentsleep.ids import check_agent_id, check_id
-from agentsleep.model.fingerprint import accepted, accepts, mismatch
+from agentsleep.model.fingerprint import accepts, mismatch
 from agentsleep.model.state import FastWeights
+from agentsleep.store import jobs
 from agentsleep.store import payload as container
-from agentsleep.store.blobs import BlobDir
-from agentsleep.store.engine import Synchronous, make_engine, upgrade, writer
-from agentsleep.store.models import Agent, SleepJob, Snapshot, utcnow
+from agentsleep.store.blobs import BlobDir, lock_key
+from agentsleep.store.checks import (
+    INT32_MAX,
+    INT64_MAX,
+    MAX_WINDOW_TOKENS,
+    SNAPSHOT_ID_LEN,
+    check_int,
+    check_metadata,
+    check_snapshot_id,
+    check_state,
+    check_window,
+    from_file,
+    parse_state,
+)
+from agentsleep.store.digest import row_digest
+from agentsleep.store.engine import Synchronous, make_engine, one_line, upgrade, writer
+from agentsleep.store.models import Agent, Snapshot, utcnow
 from agentsleep.store.records import AgentRecord, LoadedSnapshot, SleepJobRecord, SnapshotRecord
 
 log = logging.getLogger(__name__)
@@ -72,6 +90,15 @@ def _ssm_shapes(state: FastWeights) -> dict[str, list[int]]:
     return {k: v for k, v in state.shapes().items() if k.startswith("ssm.")}
 
 
+def same_model(stored: str, given: str) -> bool:
+    """Whether fast weights made by model ``given`` belong to an agent or snapshot of model ``stored``.
+
+    The one place the store compares model fingerprints (saves, loads, fallbacks), so that a notion of accepted
+    aliases of a fingerprint changes this function only.
+    """
+    return accepts(given, stored)
+
+
 _check_agent_id = check_agent_id
 
 
@@ -80,6 +107,10 @@ class _CurrentParent:
 
 
 _CURRENT = _CurrentParent()
+
+NO_SNAPSHOT = ""
+"""``save(..., expect_current=NO_SNAPSHOT)``: a compare-and-set for creating an agent (it must have no current snapshot
+yet); a save racing another host's first save of the same agent then fails with `SnapshotConflict`."""
 
 
 class SnapshotStore:
@@ -95,10 +126,14 @@ class SnapshotStore:
         sqlite_synchronous: SQLite ``PRAGMA synchronous``; FULL survives power loss, NORMAL only process crashes.
         migrate: run Alembic ``upgrade head`` on open (idempotent, locked against concurrent openers).
         engine_kwargs: extra arguments for `sqlalchemy.create_engine` (pool sizes, echo, ...).
+        create: make a new store if there is none (a new SQLite file in an existing directory, the schema in an
+            empty Postgres database, ``blob_dir`` itself). ``False`` refuses to: read-only tools (``agentsleep
+            snapshots list``) must not turn a mistyped URL into an empty store.
 
     Raises:
-        StoreError: the database cannot be reached or its schema is newer than this code.
-        InvalidInput: the URL is not a SQLite or Postgres URL.
+        StoreError: the database cannot be reached, is not a database (a damaged or 0-byte SQLite file), its schema
+            is newer than this code, its directory does not exist, or (``create=False``) it holds no store.
+        InvalidInput: the URL is not a SQLite or Postgres URL, or a bad argument.
     """
 
     def __init__(
@@ -110,15 +145,20 @@ class SnapshotStore:
         sqlite_synchronous: Synchronous = "FULL",
         migrate: bool = True,
         engine_kwargs: dict[str, Any] | None = None,
+        create: bool = True,
     ) -> None:
-        self.engine: Engine = make_engine(url, sqlite_synchronous=sqlite_synchronous, engine_kwargs=engine_kwargs)
+        self.inline_limit = check_int("inline_limit", inline_limit, 0, INT64_MAX)
+        self.engine: Engine = make_engine(
+            url, sqlite_synchronous=sqlite_synchronous, engine_kwargs=engine_kwargs, create=create
+        )
         self._writer = writer(self.engine)
-        self.blobs = BlobDir(blob_dir) if blob_dir is not None else None
-        if inline_limit < 0:
-            raise InvalidInput(f"inline_limit must be >= 0, got {inline_limit}")
-        self.inline_limit = inline_limit
-        if migrate:
-            upgrade(self.engine)
+        try:
+            if migrate:
+                upgrade(self.engine, create=create)
+            self.blobs = BlobDir(blob_dir, create=create) if blob_dir is not None else None
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     @property
     def url(self) -> str:
@@ -169,6 +209,14 @@ class SnapshotStore:
             raise UnknownAgent(f"no agent {agent_id!r} in the snapshot store; save a snapshot for it first")
         return agent
 
+    def _lock_blob(self, s: Session, sha256: str, *, exclusive: bool) -> None:
+        """The per-file lock of the payload-file protocol (docs/store.md): shared by a save re-checking its file,
+        exclusive for counting a file's references and unlinking it. Postgres: a transaction-scoped advisory lock;
+        SQLite: nothing to take, every write transaction already holds the database's one write lock."""
+        if self.dialect == "postgresql":
+            fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+            s.execute(text(f"SELECT {fn}(:k)"), {"k": lock_key(sha256)})
+
     # ---------------------------------------------------------------- save
 
     def save(
@@ -184,35 +232,39 @@ class SnapshotStore:
         thread_id: str | None = None,
         metadata: dict[str, Any] | None = None,
         expect_current: str | None = None,
+        new_agent: bool = False,
+        max_window: int | None = None,
     ) -> SnapshotRecord:
         """Save an agent's memory (fast weights + window token ids) and make it the agent's current snapshot.
 
         Args:
             agent_id: the agent; created on its first save (its fingerprint and state shapes are fixed then).
-            state: the fast weights (``state.fingerprint`` is the model fingerprint).
+            state: the fast weights of one stream (float32, finite; ``state.fingerprint`` is the model fingerprint).
             window: token ids of the agent's current attention window (may be empty, e.g. right after a sleep).
             reason: why this snapshot exists: "sleep", "manual", ... (lowercase, ≤ 32 chars).
-            passes: the number of sleep passes N that produced ``state``.
-            tokens_consolidated: total tokens consolidated into ``state`` over the agent's life.
+            passes: the number of sleep passes N that produced ``state`` (1 ≤ N < 2^31).
+            tokens_consolidated: total tokens consolidated into ``state`` over the agent's life (0 ≤ n < 2^63).
             parent_id: the snapshot this one derives from; default the agent's current snapshot.
-            thread_id, metadata: free-form tags (metadata must be JSON-serialisable).
+            thread_id, metadata: free-form tags (metadata: a JSON object, no NaN/inf, ≤ 1 MiB).
             expect_current: compare-and-set: save only if this is still the agent's current snapshot id (checked
                 under the agent's row lock, so no concurrent save can slip in between); otherwise raise
                 `SnapshotConflict` and write nothing. An agent that does not exist yet has no current snapshot, so
-                any ``expect_current`` conflicts with it.
+                any ``expect_current`` conflicts with it, except `NO_SNAPSHOT` (``""``), which expects exactly that.
+            new_agent: the save creates the agent; `InvalidInput` if it exists already (two hosts creating one
+                agent: exactly one wins).
+            max_window: the model's limit on the window (L, plus one waiting token); the store alone only knows
+                `MAX_WINDOW_TOKENS`. Callers that know the model pass it.
 
         Raises:
-            InvalidInput: bad argument (type, range, non-int token ids, non-JSON metadata).
+            InvalidInput: bad argument (type, range, dtype, NaN/inf, non-int or negative token ids, a window past
+                ``max_window``, metadata that is not a JSON object).
             SnapshotMismatch: the agent exists with another model fingerprint or other state shapes.
             SnapshotConflict: ``expect_current`` is not the agent's current snapshot (nothing written).
             UnknownSnapshot: ``parent_id`` does not exist.
             StoreError: the database failed.
         """
-        if not isinstance(state, FastWeights):
-            raise InvalidInput(f"state must be FastWeights, got {type(state).__name__}")
-        if not state.fingerprint:
-            raise InvalidInput("state has no model fingerprint; states from SleepHybrid always carry one")
-        win = container.window_array(window)
+        state = check_state(state)
+        win = check_window(window, max_window)
         payload = container.encode(container.canonical(state.to_bytes()), win, fingerprint=state.fingerprint)
         return self._save(
             agent_id,
@@ -227,6 +279,7 @@ class SnapshotStore:
             thread_id=thread_id,
             metadata=metadata,
             expect_current=expect_current,
+            new_agent=new_agent,
         )
 
     def _save(
@@ -249,51 +302,57 @@ class SnapshotStore:
         _check_agent_id(agent_id)
         if expect_current is not None and not isinstance(expect_current, str):
             raise InvalidInput(f"expect_current must be a snapshot id (str) or None, got {expect_current!r}")
+        if not isinstance(new_agent, bool):
+            raise InvalidInput(f"new_agent must be a bool, got {new_agent!r}")
         if not isinstance(reason, str) or not _REASON.match(reason):
             raise InvalidInput(f"reason must match {_REASON.pattern} (e.g. 'sleep', 'manual'), got {reason!r}")
-        if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
-            raise InvalidInput(f"passes must be an int >= 1, got {passes!r}")
-        if isinstance(tokens_consolidated, bool) or not isinstance(tokens_consolidated, int) or tokens_consolidated < 0:
-            raise InvalidInput(f"tokens_consolidated must be an int >= 0, got {tokens_consolidated!r}")
+        check_int("passes", passes, 1, INT32_MAX)
+        check_int("tokens_consolidated", tokens_consolidated, 0, INT64_MAX)
         if thread_id is not None:
             check_id(thread_id, "thread_id")
-        try:
-            meta = json.loads(json.dumps(metadata or {}))
-        except (TypeError, ValueError) as e:
-            raise InvalidInput(f"metadata must be JSON-serialisable: {e}") from e
-        if not isinstance(meta, dict):
-            raise InvalidInput("metadata must be a dict")
+        if isinstance(parent, str):
+            check_snapshot_id(parent, "parent_id")
+        meta = check_metadata(metadata)
 
         sha = _sha256(payload)
         path = None
         if self.blobs is not None and len(payload) > self.inline_limit:
-            path = self.blobs.put(sha, payload)  # durable before the row that points at it commits
+            path = self.blobs.put(sha, payload)  # the expensive write, durable before the transaction starts
 
         with self._write() as s:
             created = self._insert_agent_if_absent(s, agent_id, fingerprint, shapes)
             if new_agent and not created:
                 raise InvalidInput(f"agent {agent_id!r} already exists; choose a new agent id")
             agent = self._lock_agent(s, agent_id)
-            if expect_current is not None and agent.current_snapshot_id != expect_current:
+            if expect_current is not None and agent.current_snapshot_id != (expect_current or None):
                 # Checked under the row lock (Postgres FOR UPDATE, SQLite BEGIN IMMEDIATE): a compare-and-set.
                 raise SnapshotConflict(
                     f"agent {agent_id!r} moved on: its current snapshot is {agent.current_snapshot_id!r}, not the "
                     f"expected {expect_current!r}; nothing was saved (reload its latest snapshot and redo the work)"
                 )
-            if agent.fingerprint != fingerprint:
-                if not accepts(fingerprint, agent.fingerprint):
-                    raise mismatch(fingerprint, agent.fingerprint, f"agent {agent_id!r}")
-                agent.fingerprint = str(fingerprint)  # a legacy tag of the same model: the agent moves to the current
+            if not same_model(agent.fingerprint, fingerprint):
+                raise mismatch(fingerprint, agent.fingerprint, f"agent {agent_id!r}")
+            if agent.fingerprint != fingerprint:  # a legacy tag of the same model: the agent moves to the current rule
+                agent.fingerprint = str(fingerprint)
             if agent.state_shapes != shapes:
                 raise SnapshotMismatch(
                     f"agent {agent_id!r} has state shapes {agent.state_shapes}, this state has {shapes}"
                 )
             if isinstance(parent, _CurrentParent):
                 parent_id = agent.current_snapshot_id
+                if parent_id is not None and s.get(Snapshot, parent_id) is None:
+                    # A pointer left dangling by an edit outside agentsleep (SQLite with foreign keys off): the new
+                    # snapshot starts a fresh lineage instead of failing every save from now on.
+                    log.warning("agent %r points at missing snapshot %s; saving without a parent", agent_id, parent_id)
+                    parent_id = None
             else:
                 parent_id = parent
                 if parent_id is not None and s.get(Snapshot, parent_id) is None:
                     raise UnknownSnapshot(f"parent snapshot {parent_id!r} does not exist")
+            if path is not None:
+                # Under the file's lock: no prune or delete can unlink it between this check and our commit.
+                self._lock_blob(s, sha, exclusive=False)
+                path = self.blobs.ensure(sha, payload)  # type: ignore[union-attr]  # set with path
             agent.last_seq += 1
             snap = Snapshot(
                 id=_new_id(),
@@ -314,6 +373,7 @@ class SnapshotStore:
                 payload=None if path else payload,
                 payload_path=path,
             )
+            snap.record_sha256 = row_digest(snap)
             s.add(snap)
             s.flush()  # the row must exist before the agent points at it (the FK is checked per statement)
             agent.current_snapshot_id = snap.id
@@ -325,11 +385,35 @@ class SnapshotStore:
 
     def get(self, snapshot_id: str) -> SnapshotRecord:
         """A snapshot's metadata, without reading or verifying its payload. Raises `UnknownSnapshot`."""
+        check_snapshot_id(snapshot_id)
         with self._read() as s:
             snap = s.get(Snapshot, snapshot_id)
             if snap is None:
                 raise UnknownSnapshot(f"no snapshot {snapshot_id!r} in the snapshot store")
             return SnapshotRecord.from_row(snap)
+
+    def current_id(self, agent_id: str) -> str | None:
+        """The agent's current snapshot id, or None for an unknown agent (one indexed read, no payload): the cheap
+        version check of a cache that holds the agent's memory."""
+        _check_agent_id(agent_id)
+        with self._read() as s:
+            return s.scalar(select(Agent.current_snapshot_id).where(Agent.id == agent_id))
+
+    def find_by_metadata(self, agent_id: str, key: str, value: str) -> SnapshotRecord | None:
+        """The newest snapshot of ``agent_id`` whose ``metadata[key]`` is the string ``value`` (None if none), e.g.
+        the snapshot a served turn with an idempotency key wrote. Scans the agent's snapshots, not the whole store."""
+        _check_agent_id(agent_id)
+        if not isinstance(key, str) or not key or not isinstance(value, str):
+            raise InvalidInput(f"find_by_metadata needs a non-empty str key and a str value, got {key!r}, {value!r}")
+        with self._read() as s:
+            # The SQL filter compares text (Postgres renders a JSON number 1 as "1"); the exact test is in Python.
+            rows = s.scalars(
+                select(Snapshot)
+                .where(Snapshot.agent_id == agent_id, Snapshot.meta[key].as_string() == value)
+                .order_by(Snapshot.seq.desc())
+            )
+            snap = next((r for r in rows if (r.meta or {}).get(key) == value), None)
+            return SnapshotRecord.from_row(snap) if snap is not None else None
 
     def load(
         self,
@@ -349,9 +433,11 @@ class SnapshotStore:
 
         Raises:
             UnknownSnapshot: no such snapshot.
-            SnapshotCorrupt: the stored payload is truncated or damaged (sha256 or size mismatch, bad container).
+            SnapshotCorrupt: the stored payload is truncated or damaged (sha256 or size mismatch, bad container), or
+                a field of its row was altered (record checksum).
             SnapshotMismatch: the snapshot belongs to another model or has other shapes.
         """
+        check_snapshot_id(snapshot_id)
         with self._read() as s:
             snap = s.get(Snapshot, snapshot_id, options=[undefer(Snapshot.payload)])
             if snap is None:
@@ -370,45 +456,71 @@ class SnapshotStore:
     ) -> LoadedSnapshot:
         """Load the agent's current snapshot (the newest save unless rewound with `set_current`).
 
-        With ``fallback=True`` a corrupt current snapshot is skipped (logged as a warning) in favour of the newest
-        older one of the same agent that verifies; the agent's pointer is not changed.
+        With ``fallback=True`` a current snapshot that cannot be served (corrupt, or missing: a pointer left
+        dangling by an edit outside agentsleep) is skipped, logged as a warning, in favour of the newest other
+        snapshot of the agent that verifies; the agent's pointer is not changed.
 
         Raises:
             UnknownAgent: no such agent.
             UnknownSnapshot: the agent has no snapshot.
-            SnapshotCorrupt, SnapshotMismatch: as `load` (with fallback: only when no snapshot verifies).
+            SnapshotCorrupt, SnapshotMismatch: as `load` (with fallback: only when no snapshot verifies). A dangling
+                pointer is `SnapshotCorrupt` without fallback.
         """
         _check_agent_id(agent_id)
         with self._read() as s:
             # One statement, so a concurrent save cannot slip between reading the pointer and the row.
-            snap = s.scalars(
-                select(Snapshot)
-                .join(Agent, Agent.current_snapshot_id == Snapshot.id)
+            row = s.execute(
+                select(Agent.current_snapshot_id, Snapshot)
+                .outerjoin(Snapshot, Agent.current_snapshot_id == Snapshot.id)
                 .where(Agent.id == agent_id)
                 .options(undefer(Snapshot.payload))
-            ).one_or_none()
-            if snap is None:
-                if s.get(Agent, agent_id) is None:
-                    raise UnknownAgent(f"no agent {agent_id!r} in the snapshot store")
-                raise UnknownSnapshot(f"agent {agent_id!r} has no snapshot")
-            record, data, path = SnapshotRecord.from_row(snap), snap.payload, snap.payload_path
+            ).first()
+            if row is None:
+                raise UnknownAgent(f"no agent {agent_id!r} in the snapshot store")
+            pointer, snap = row
+            found = None if snap is None else (SnapshotRecord.from_row(snap), snap.payload, snap.payload_path)
+        if found is None:
+            if pointer is None:
+                problem: AgentSleepError = UnknownSnapshot(f"agent {agent_id!r} has no current snapshot")
+            else:
+                problem = SnapshotCorrupt(
+                    f"agent {agent_id!r} points at snapshot {pointer}, which is missing from the store (the database "
+                    "was edited outside agentsleep); latest(fallback=True) serves the newest snapshot that verifies, "
+                    "set_current repairs the pointer"
+                )
+            if not fallback or not self.history(agent_id):
+                raise problem
+            log.warning("%s; trying the newest snapshot that verifies", problem)
+            return self._newest_verifying(agent_id, None, problem, fingerprint, shapes, device)
+        record, data, path = found
         try:
             return self._decode(record, data, path, fingerprint=fingerprint, shapes=shapes, device=device)
         except SnapshotCorrupt as first:
             if not fallback:
                 raise
             log.warning("current snapshot %s of agent %r is corrupt (%s); trying older", record.id, agent_id, first)
-            for older in reversed(self.history(agent_id)):
-                if older.seq >= record.seq:
-                    continue
-                try:
-                    loaded = self.load(older.id, fingerprint=fingerprint, shapes=shapes, device=device)
-                except SnapshotCorrupt as e:
-                    log.warning("snapshot %s of agent %r is corrupt too (%s)", older.id, agent_id, e)
-                    continue
-                log.warning("agent %r revived from older snapshot seq %d", agent_id, older.seq)
-                return loaded
-            raise
+            return self._newest_verifying(agent_id, record, first, fingerprint, shapes, device)
+
+    def _newest_verifying(
+        self,
+        agent_id: str,
+        skip: SnapshotRecord | None,
+        problem: AgentSleepError,
+        fingerprint: str | None,
+        shapes: dict[str, list[int]] | None,
+        device: torch.device | str,
+    ) -> LoadedSnapshot:
+        for older in reversed(self.history(agent_id)):
+            if skip is not None and older.seq >= skip.seq:
+                continue
+            try:
+                loaded = self.load(older.id, fingerprint=fingerprint, shapes=shapes, device=device)
+            except SnapshotCorrupt as e:
+                log.warning("snapshot %s of agent %r is corrupt too (%s)", older.id, agent_id, e)
+                continue
+            log.warning("agent %r served from older snapshot seq %d", agent_id, older.seq)
+            return loaded
+        raise problem
 
     def _payload_bytes(self, record: SnapshotRecord, inline: bytes | None, path: str | None) -> bytes:
         if path is None:
@@ -419,6 +531,8 @@ class SnapshotStore:
             raise StoreError(
                 f"snapshot {record.id}'s payload lives in a blob directory; open the store with blob_dir=..."
             )
+        if path != BlobDir.relpath(record.sha256):
+            raise SnapshotCorrupt(f"snapshot {record.id}: its payload file is not named after its sha256")
         return self.blobs.get(path)
 
     def _decode(
@@ -431,7 +545,12 @@ class SnapshotStore:
         shapes: dict[str, list[int]] | None,
         device: torch.device | str,
     ) -> LoadedSnapshot:
-        if fingerprint is not None and not accepts(fingerprint, record.fingerprint):
+        if record.record_sha256 is None or row_digest(record) != record.record_sha256:
+            raise SnapshotCorrupt(
+                f"snapshot {record.id}: its record (tokens_consolidated, passes, parent, metadata, ...) fails its "
+                "checksum: the row was altered outside agentsleep"
+            )
+        if fingerprint is not None and not same_model(record.fingerprint, fingerprint):
             raise mismatch(fingerprint, record.fingerprint, f"snapshot {record.id}")
         data = self._payload_bytes(record, inline, path)
         if len(data) != record.byte_size:
@@ -442,7 +561,7 @@ class SnapshotStore:
             raise SnapshotCorrupt(f"snapshot {record.id} payload fails its sha256 check: the stored bytes are damaged")
         try:
             dec = container.decode(data)  # its content checksum also catches a hand-"repaired" row sha256
-            state = FastWeights.from_bytes(dec.state_bytes, shapes=shapes, device=device)
+            state = parse_state(dec.state_bytes, shapes=shapes, device=device)
         except SnapshotCorrupt as e:
             raise SnapshotCorrupt(f"snapshot {record.id}: {e}") from e
         if dec.fingerprint != record.fingerprint or state.fingerprint != record.fingerprint:
@@ -455,6 +574,20 @@ class SnapshotStore:
     def verify(self, snapshot_id: str) -> SnapshotRecord:
         """Load and verify a snapshot, discarding the state. Raises like `load`."""
         return self.load(snapshot_id).record
+
+    def _verifies(self, s: Session, snapshot_id: str) -> bool:
+        """Whether a snapshot loads and verifies, read in the caller's transaction."""
+        snap = s.get(Snapshot, snapshot_id, options=[undefer(Snapshot.payload)])
+        if snap is None:
+            return False
+        try:
+            self._decode(
+                SnapshotRecord.from_row(snap), snap.payload, snap.payload_path, fingerprint=None, shapes=None,
+                device="cpu",
+            )  # fmt: skip
+        except (SnapshotCorrupt, SnapshotMismatch):
+            return False
+        return True
 
     # ---------------------------------------------------------------- listing
 
@@ -494,6 +627,7 @@ class SnapshotStore:
     def lineage(self, snapshot_id: str) -> list[SnapshotRecord]:
         """The chain of parents ending at ``snapshot_id``, root first; crosses agents at forks, stops at a pruned
         parent. Raises `UnknownSnapshot`."""
+        check_snapshot_id(snapshot_id)
         chain: list[SnapshotRecord] = []
         seen: set[str] = set()
         with self._read() as s:
@@ -546,6 +680,7 @@ class SnapshotStore:
         Raises `UnknownAgent`, `UnknownSnapshot`, `InvalidInput` (snapshot of another agent).
         """
         _check_agent_id(agent_id)
+        check_snapshot_id(snapshot_id)
         with self._write() as s:
             agent = self._lock_agent(s, agent_id)
             snap = s.get(Snapshot, snapshot_id)
@@ -572,25 +707,33 @@ class SnapshotStore:
         Raises:
             SnapshotCorrupt: not a snapshot file, or a damaged one. Nothing is written.
             SnapshotMismatch: the target agent exists with another fingerprint or shapes.
-            InvalidInput: no ``agent_id`` given and the file names none.
+            InvalidInput: no ``agent_id`` given and the file names none; a state the store refuses (NaN, dtype).
         """
         dec = container.decode(data)
-        state = FastWeights.from_bytes(dec.state_bytes)
+        state = check_state(parse_state(dec.state_bytes))
         if state.fingerprint != dec.fingerprint:
             raise SnapshotCorrupt("snapshot file's container and state disagree on the model fingerprint")
+        win = check_window(dec.window, None)
         rec = dec.record or {}
-        target = agent_id or rec.get("agent_id")
+        named = rec.get("agent_id")
+        target = agent_id if agent_id is not None else named if isinstance(named, str) else None
         if not target:
             raise InvalidInput("this snapshot file names no agent; pass agent_id")
         _check_agent_id(target)
-        origin = rec.get("id")
+        origin = from_file(rec, "id", str)
         parent: str | None = None
-        if isinstance(origin, str):
+        if origin is not None and len(origin) <= SNAPSHOT_ID_LEN and origin.isascii() and origin.isprintable():
             with self._read() as s:
                 parent = origin if s.get(Snapshot, origin) is not None else None
-        passes = rec.get("passes", 1)
-        tokens = rec.get("tokens_consolidated", 0)
-        payload = container.encode(container.canonical(dec.state_bytes), dec.window, fingerprint=dec.fingerprint)
+        passes = from_file(rec, "passes", int)
+        tokens = from_file(rec, "tokens_consolidated", int)
+        thread = from_file(rec, "thread_id", str)
+        try:
+            thread = check_id(thread, "thread_id") if thread is not None else None
+        except InvalidInput:
+            thread = None  # a tag from a foreign file that this store cannot hold: dropped, not fatal
+        payload = container.encode(container.canonical(dec.state_bytes), win, fingerprint=dec.fingerprint)
+        origin_fields = {k: from_file(rec, k, (str, int)) for k in ("id", "agent_id", "seq", "created_at", "reason")}
         return self._save(
             target,
             payload,
@@ -598,11 +741,11 @@ class SnapshotStore:
             shapes=_ssm_shapes(state),
             window_len=len(dec.window),
             reason="import",
-            passes=passes if isinstance(passes, int) and passes >= 1 else 1,
-            tokens_consolidated=tokens if isinstance(tokens, int) and tokens >= 0 else 0,
+            passes=passes if passes is not None and 1 <= passes <= INT32_MAX else 1,
+            tokens_consolidated=tokens if tokens is not None and 0 <= tokens <= INT64_MAX else 0,
             parent=parent,
-            thread_id=rec.get("thread_id") if isinstance(rec.get("thread_id"), str) else None,
-            metadata={"imported_from": {k: rec.get(k) for k in ("id", "agent_id", "seq", "created_at", "reason")}},
+            thread_id=thread,
+            metadata={"imported_from": origin_fields},
         )
 
     # ---------------------------------------------------------------- prune, delete, gc
@@ -614,21 +757,41 @@ class SnapshotStore:
         kept = {sid for sid, _ in newest_first[:keep]} | ({current} if current else set())
         return [sid for sid, _ in newest_first if sid not in kept]
 
+    def _spare_last_good(self, s: Session, rows: Sequence[tuple[str, int]], victims: list[str]) -> list[str]:
+        """``victims`` minus the newest snapshot that verifies, if no kept snapshot verifies: prune never deletes
+        the agent's last good memory (a corrupt current snapshot must not take the good older ones with it)."""
+        doomed = set(victims)
+        newest_first = [sid for sid, _ in sorted(rows, key=lambda r: r[1], reverse=True)]
+        if any(self._verifies(s, sid) for sid in newest_first if sid not in doomed):
+            return victims
+        for sid in newest_first:
+            if sid in doomed and self._verifies(s, sid):
+                log.warning("prune keeps snapshot %s: no kept snapshot verifies and it is the newest that does", sid)
+                return [v for v in victims if v != sid]
+        return victims
+
     def prune_candidates(self, agent_id: str, *, keep: int) -> list[SnapshotRecord]:
         """What `prune` would delete now, oldest first."""
+        _check_agent_id(agent_id)
         self._check_keep(keep)
-        hist = self.history(agent_id)
-        current = self.agent(agent_id).current_snapshot_id
-        victims = set(self._victims([(r.id, r.seq) for r in hist], keep, current))
-        return [r for r in hist if r.id in victims]
+        with self._read() as s:
+            agent = s.get(Agent, agent_id)
+            if agent is None:
+                raise UnknownAgent(f"no agent {agent_id!r} in the snapshot store")
+            rows = [
+                (r[0], r[1]) for r in s.execute(select(Snapshot.id, Snapshot.seq).where(Snapshot.agent_id == agent_id))
+            ]
+            victims = set(self._spare_last_good(s, rows, self._victims(rows, keep, agent.current_snapshot_id)))
+        return [r for r in self.history(agent_id) if r.id in victims]
 
     @staticmethod
     def _check_keep(keep: int) -> None:
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
-            raise InvalidInput(f"keep must be an int >= 0, got {keep!r}")
+        check_int("keep", keep, 0, INT64_MAX)
 
     def prune(self, agent_id: str, *, keep: int) -> int:
-        """Delete all but the ``keep`` newest snapshots of an agent; the current snapshot is always kept.
+        """Delete all but the ``keep`` newest snapshots of an agent; the current snapshot is always kept, and so is
+        the newest snapshot that verifies when no kept one does (so ``keep=1`` on a corrupt current snapshot keeps
+        the good one that ``latest(fallback=True)`` serves).
 
         Ancestors are not protected: every snapshot is a complete state, so a survivor whose parent is pruned keeps
         loading and its ``parent_id`` becomes NULL (also across agents, for forks). Returns the number deleted.
@@ -638,17 +801,31 @@ class SnapshotStore:
         self._check_keep(keep)
         with self._write() as s:
             agent = self._lock_agent(s, agent_id)
-            rows = s.execute(select(Snapshot.id, Snapshot.seq).where(Snapshot.agent_id == agent_id)).all()
-            victims = self._victims([(r[0], r[1]) for r in rows], keep, agent.current_snapshot_id)
+            rows = [
+                (r[0], r[1]) for r in s.execute(select(Snapshot.id, Snapshot.seq).where(Snapshot.agent_id == agent_id))
+            ]
+            victims = self._spare_last_good(s, rows, self._victims(rows, keep, agent.current_snapshot_id))
             paths = self._delete_snapshots(s, victims)
         self._release_files(paths)
         log.info("pruned %d snapshots of agent %r (keep=%d)", len(victims), agent_id, keep)
         return len(victims)
 
     def _delete_snapshots(self, s: Session, ids: Sequence[str]) -> set[str]:
+        """Delete snapshot rows (children elsewhere lose their parent link, re-sealed); returns their file paths."""
+        doomed = set(ids)
         paths: set[str] = set()
         for i in range(0, len(ids), _CHUNK):
             chunk = list(ids[i : i + _CHUNK])
+            for child in s.scalars(select(Snapshot).where(Snapshot.parent_id.in_(chunk))):
+                if child.id in doomed:
+                    continue
+                # What ON DELETE SET NULL would do, plus a new record checksum: only for a row that verified
+                # before, so a damaged row is never made to look sound.
+                sound = child.record_sha256 == row_digest(child)
+                child.parent_id = None
+                if sound:
+                    child.record_sha256 = row_digest(child)
+            s.flush()
             paths.update(
                 p for p in s.scalars(select(Snapshot.payload_path).where(Snapshot.id.in_(chunk))) if p is not None
             )
@@ -656,7 +833,8 @@ class SnapshotStore:
         return paths
 
     def delete_agent(self, agent_id: str) -> int:
-        """Delete an agent, all its snapshots and sleep jobs. Returns the number of snapshots deleted.
+        """Delete an agent, all its snapshots and its waiting or finished sleep jobs. Returns the number of
+        snapshots deleted.
 
         Snapshots of other agents forked from it keep loading; their ``parent_id`` becomes NULL.
         Raises `UnknownAgent`.
@@ -668,116 +846,108 @@ class SnapshotStore:
             s.flush()
             ids = list(s.scalars(select(Snapshot.id).where(Snapshot.agent_id == agent_id)))
             paths = self._delete_snapshots(s, ids)
-            s.execute(delete(SleepJob).where(SleepJob.agent_id == agent_id))
+            if self.dialect == "postgresql" and jobs.has_procrastinate_schema(s.connection()):
+                jobs.forget_agent_jobs(s, agent_id)
             s.execute(delete(Agent).where(Agent.id == agent_id), execution_options={"synchronize_session": False})
         self._release_files(paths)
         log.info("deleted agent %r and %d snapshots", agent_id, len(ids))
         return len(ids)
 
     def _release_files(self, paths: set[str]) -> None:
-        """Remove payload files no row references any more (identical payloads share one file)."""
+        """Unlink payload files that no row references any more (identical payloads share one file).
+
+        One short transaction per file, holding the file's lock exclusively: a save that wants the file holds it
+        shared while it re-checks the file and commits, so either that save's row is counted here, or the save
+        finds the file gone and writes it again (`BlobDir.ensure`). A crash before this leaves an unreferenced file
+        for `gc_blobs`, never a row without its file.
+        """
         if not paths or self.blobs is None:
             return
-        with self._read() as s:
-            used = set(s.scalars(select(Snapshot.payload_path).where(Snapshot.payload_path.in_(sorted(paths)))))
-        for p in paths - used:
-            self.blobs.remove(p)
+        for rel in sorted(paths):
+            self._unlink_if_unreferenced(rel)
+
+    def _unlink_if_unreferenced(self, rel: str) -> bool:
+        assert self.blobs is not None
+        sha = rel.rsplit("/", 1)[-1].split(".", 1)[0]
+        with self._write() as s:
+            self._lock_blob(s, sha, exclusive=True)
+            refs = s.scalar(select(func.count()).select_from(Snapshot).where(Snapshot.payload_path == rel))
+            if refs:
+                return False
+            self.blobs.remove(rel)  # before commit: the lock is still held, no save can want it in between
+        return True
 
     def gc_blobs(self, *, grace_s: float = 3600.0) -> int:
         """Remove payload files that no row references and that are older than ``grace_s`` (left by writers killed
-        between writing the file and committing the row). The grace period protects saves in flight."""
+        between writing the file and committing the row, or by a save that lost its compare-and-set). Files are
+        unlinked under the same per-file lock as `prune`, so a save in flight is never hurt; the grace period only
+        spares temporaries still being written."""
+        if (
+            isinstance(grace_s, bool)
+            or not isinstance(grace_s, int | float)
+            or not math.isfinite(grace_s)
+            or grace_s < 0
+        ):
+            raise InvalidInput(f"grace_s must be a finite number >= 0, got {grace_s!r}")
         if self.blobs is None:
             return 0
         now = datetime.now(UTC).timestamp()
-        old = {rel: m for rel, m in self.blobs.walk() if now - m > grace_s}
-        if not old:
-            return 0
-        with self._read() as s:
-            used = set(s.scalars(select(Snapshot.payload_path).where(Snapshot.payload_path.is_not(None))))
+        old = [rel for rel, m in self.blobs.walk() if now - m > grace_s]
         removed = 0
-        for rel in old.keys() - used:
-            self.blobs.remove(rel)
-            removed += 1
+        for rel in old:
+            if BlobDir.is_temporary(rel):
+                self.blobs.remove(rel)
+                removed += 1
+            elif self._unlink_if_unreferenced(rel):
+                removed += 1
         return removed
 
-    # ---------------------------------------------------------------- sleep jobs (scale-out)
+    # ---------------------------------------------------------------- sleep jobs (scale-out, Postgres)
 
-    def enqueue_sleep(self, agent_id: str, *, params: dict[str, Any] | None = None) -> SleepJobRecord:
-        """Queue a sleep for an agent; if one is already pending for it, return that one (debounce).
+    def _require_queue(self) -> None:
+        if self.dialect != "postgresql":
+            raise UnsupportedBackend(
+                "sleep jobs and sleep workers need a Postgres store (they run on procrastinate, a Postgres task "
+                f"queue); this store is {self.dialect}. With SQLite, AgentHost sleeps its agents itself, in process"
+            )
 
-        Raises `UnknownAgent`.
+    def enqueue_sleep(self, agent_id: str, *, passes: int | None = None) -> SleepJobRecord:
+        """Queue a sleep (consolidation) of an agent for the sleep workers (`agentsleep sleep-worker`).
+
+        At most one sleep waits per agent: if one is already waiting, that one is returned (a sleep consolidates
+        whatever window the agent has when it runs, so the waiting job already is the requested work). One agent's
+        sleeps never run at once. ``passes``: N for this job (default: the worker's).
+
+        Raises:
+            UnsupportedBackend: a SQLite store (no workers there; the host sleeps its agents in process).
+            UnknownAgent: no such agent. InvalidInput: a bad ``passes``.
+            StoreError: the database failed, or procrastinate's schema is missing (opened with ``migrate=False``).
         """
         _check_agent_id(agent_id)
-        try:
-            p = json.loads(json.dumps(params or {}))
-        except (TypeError, ValueError) as e:
-            raise InvalidInput(f"params must be JSON-serialisable: {e}") from e
+        if passes is not None:
+            check_int("passes", passes, 1, INT32_MAX)
+        self._require_queue()
         with self._write() as s:
-            self._lock_agent(s, agent_id)  # also serialises concurrent enqueues of one agent
-            job = s.scalars(
-                select(SleepJob).where(SleepJob.agent_id == agent_id, SleepJob.status == "pending").limit(1)
-            ).first()
-            if job is None:
-                job = SleepJob(agent_id=agent_id, status="pending", params=p, created_at=utcnow(), attempts=0)
-                s.add(job)
-                s.flush()
-            return SleepJobRecord.from_row(job)
+            agent = s.get(Agent, agent_id)
+            if agent is None:
+                raise UnknownAgent(f"no agent {agent_id!r} in the snapshot store")
+            if not jobs.has_procrastinate_schema(s.connection()):
+                raise StoreError("this database has no sleep-job queue (procrastinate's schema); open it with migrate")
+            job_id, created = jobs.defer_sleep(s, agent_id, agent.fingerprint, passes)
+            (job,) = [j for j in jobs.list_sleep_jobs(s, agent_id) if j.id == job_id]
+        log.info("sleep of agent %r %s as job %d", agent_id, "queued" if created else "already waiting", job_id)
+        return job
 
-    def claim_job(
-        self, worker_id: str, *, stale_after_s: float | None = None, fingerprint: str | None = None
-    ) -> SleepJobRecord | None:
-        """Claim the oldest pending job (or a running one whose worker went silent for ``stale_after_s``).
-
-        Postgres: ``SELECT ... FOR UPDATE SKIP LOCKED``, so any number of workers claim distinct jobs without
-        waiting on each other. SQLite: the write transaction (BEGIN IMMEDIATE) serialises claimers instead.
-        ``fingerprint``: only jobs of agents of that model, so workers of different models share one queue.
-        Returns None when there is nothing to do.
-        """
-        check_id(worker_id, "worker_id")
-        claimable = SleepJob.status == "pending"
-        if stale_after_s is not None:
-            cutoff = utcnow() - timedelta(seconds=stale_after_s)
-            claimable = claimable | ((SleepJob.status == "running") & (SleepJob.claimed_at < cutoff))
-        if fingerprint is not None:
-            claimable = claimable & SleepJob.agent_id.in_(
-                select(Agent.id).where(Agent.fingerprint.in_(accepted(fingerprint)))
-            )
-        with self._write() as s:
-            job = s.scalars(
-                select(SleepJob).where(claimable).order_by(SleepJob.id).limit(1).with_for_update(skip_locked=True)
-            ).first()
-            if job is None:
-                return None
-            job.status, job.claimed_by, job.claimed_at = "running", worker_id, utcnow()
-            job.attempts += 1
-            s.flush()
-            return SleepJobRecord.from_row(job)
-
-    def complete_job(self, job_id: int, *, snapshot_id: str | None = None, error: str | None = None) -> SleepJobRecord:
-        """Mark a claimed job done (with the snapshot it produced) or failed (with ``error``).
-
-        Raises `InvalidInput` for an unknown job or one that is not running.
-        """
-        with self._write() as s:
-            job = s.get(SleepJob, job_id, with_for_update=True)
-            if job is None:
-                raise InvalidInput(f"no sleep job {job_id}")
-            if job.status != "running":
-                raise InvalidInput(f"sleep job {job_id} is {job.status}, not running; claim it first")
-            if snapshot_id is not None and s.get(Snapshot, snapshot_id) is None:
-                raise UnknownSnapshot(f"no snapshot {snapshot_id!r} in the snapshot store")
-            job.status = "failed" if error is not None else "done"
-            job.error, job.result_snapshot_id, job.finished_at = error, snapshot_id, utcnow()
-            s.flush()
-            return SleepJobRecord.from_row(job)
-
-    def jobs(self, agent_id: str | None = None) -> list[SleepJobRecord]:
-        """Sleep jobs, oldest first (optionally of one agent)."""
-        stmt = select(SleepJob).order_by(SleepJob.id)
+    def sleep_jobs(self, agent_id: str | None = None) -> list[SleepJobRecord]:
+        """Sleep jobs in the queue, oldest first (optionally one agent's); always empty on SQLite."""
         if agent_id is not None:
-            stmt = stmt.where(SleepJob.agent_id == agent_id)
+            _check_agent_id(agent_id)
+        if self.dialect != "postgresql":
+            return []
         with self._read() as s:
-            return [SleepJobRecord.from_row(j) for j in s.scalars(stmt)]
+            if not jobs.has_procrastinate_schema(s.connection()):
+                return []
+            return jobs.list_sleep_jobs(s, agent_id)
 
 
 @contextmanager
@@ -788,11 +958,13 @@ def _db_errors() -> Iterator[None]:
     except AgentSleepError:
         raise
     except IntegrityError as e:
-        raise StoreError(f"the snapshot store rejected a write (constraint violated): {e.orig}") from e
+        raise StoreError(f"the snapshot store rejected a write (constraint violated): {one_line(e.orig)}") from e
     except DBAPIError as e:
-        raise StoreError(f"snapshot store database error: {e.orig}") from e
+        raise StoreError(f"snapshot store database error: {one_line(e.orig)}") from e
+    except StatementError as e:  # a value the driver could not send (the checks above should make this unreachable)
+        raise InvalidInput(f"a value could not be stored: {one_line(e.orig)}") from e
     except SATimeoutError as e:  # connection pool exhausted
         raise StoreError(f"no free database connection: {e}; raise engine_kwargs pool_size/max_overflow") from e
 
 
-__all__ = ["DEFAULT_INLINE_LIMIT", "DEFAULT_URL", "SnapshotStore"]
+__all__ = ["DEFAULT_INLINE_LIMIT", "DEFAULT_URL", "MAX_WINDOW_TOKENS", "NO_SNAPSHOT", "SnapshotStore", "same_model"]

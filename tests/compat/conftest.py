@@ -20,8 +20,7 @@ def old_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return url
     pg = request.getfixturevalue("postgres_schema_url")
-    with SnapshotStore(url) as src, SnapshotStore(pg) as dst:
-        copy_rows(src, dst)
+    copy_rows(url, pg)
     return pg
 
 

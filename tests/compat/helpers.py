@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import MetaData, create_engine, insert, select, update
 
 from agentsleep.model.hybrid import SleepHybrid
 from agentsleep.runtime import SamplingParams, TorchEngine
-from agentsleep.store import Base, SnapshotStore
+from agentsleep.store.engine import make_engine, upgrade
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "compat" / "v0.1.0"
 CHECKPOINTS = FIXTURE / "checkpoints"
@@ -50,31 +51,42 @@ def sqlite_copy(dst: Path) -> str:
     return f"sqlite:///{dst}"
 
 
-def copy_rows(src: SnapshotStore, dst: SnapshotStore) -> None:
-    """Every agent, snapshot and sleep job of ``src`` into the empty store ``dst``, ids and lineage kept (parents
-    first), so a Postgres store holds exactly what the 0.1.0 SQLite store holds."""
-    tables = Base.metadata.tables
-    agents, snaps, jobs = tables["agents"], tables["snapshots"], tables["sleep_jobs"]
-    with src.engine.connect() as a:
-        agent_rows = [dict(r._mapping) for r in a.execute(select(agents))]
-        snap_rows = [dict(r._mapping) for r in a.execute(select(snaps))]
-        job_rows = [dict(r._mapping) for r in a.execute(select(jobs))]
-    ordered, done = [], set()
-    while len(ordered) < len(snap_rows):
-        for r in snap_rows:
-            if r["id"] not in done and (r["parent_id"] is None or r["parent_id"] in done):
-                ordered.append(r)
-                done.add(r["id"])
-    with dst.engine.begin() as b:
-        b.execute(insert(agents), [dict(r, current_snapshot_id=None) for r in agent_rows])
-        b.execute(insert(snaps), ordered)
-        for r in agent_rows:
-            b.execute(update(agents).where(agents.c.id == r["id"]).values(current_snapshot_id=r["current_snapshot_id"]))
-        b.execute(insert(jobs), job_rows)
-        if dst.dialect == "postgresql":  # explicit ids leave the serial behind
-            b.execute(
-                text("SELECT setval(pg_get_serial_sequence('sleep_jobs', 'id'), (SELECT max(id) FROM sleep_jobs))")
-            )
+def copy_rows(src_url: str, dst_url: str) -> None:
+    """Every agent, snapshot and sleep job of the 0.1.0 store at ``src_url`` (not migrated) into an empty Postgres
+    store at ``dst_url`` brought to 0.1.0's schema (revision 0002), ids and lineage kept (parents first). Opening
+    ``dst_url`` with `SnapshotStore` afterwards runs the real upgrade a 0.1.0 deployment gets (checksums back-filled,
+    waiting sleep jobs carried over to procrastinate)."""
+    src, dst = create_engine(src_url), make_engine(dst_url)
+    try:
+        upgrade(dst, "0002")
+        have, want = MetaData(), MetaData()
+        have.reflect(src, only=["agents", "snapshots", "sleep_jobs"])
+        want.reflect(dst, only=["agents", "snapshots", "sleep_jobs"])
+        with src.connect() as a:
+            rows = {t: [_utc(dict(r._mapping)) for r in a.execute(select(have.tables[t]))] for t in have.tables}
+        ordered, done = [], set()
+        while len(ordered) < len(rows["snapshots"]):
+            for r in rows["snapshots"]:
+                if r["id"] not in done and (r["parent_id"] is None or r["parent_id"] in done):
+                    ordered.append(r)
+                    done.add(r["id"])
+        agents, snaps, jobs = (want.tables[t] for t in ("agents", "snapshots", "sleep_jobs"))
+        with dst.begin() as b:
+            b.execute(insert(agents), [dict(r, current_snapshot_id=None) for r in rows["agents"]])
+            b.execute(insert(snaps), ordered)
+            for r in rows["agents"]:
+                b.execute(
+                    update(agents).where(agents.c.id == r["id"]).values(current_snapshot_id=r["current_snapshot_id"])
+                )
+            b.execute(insert(jobs), rows["sleep_jobs"])
+    finally:
+        src.dispose()
+        dst.dispose()
+
+
+def _utc(row: dict[str, Any]) -> dict[str, Any]:
+    """SQLite hands timestamps back naive; 0.1.0 wrote them in UTC."""
+    return {k: v.replace(tzinfo=UTC) if isinstance(v, datetime) and v.tzinfo is None else v for k, v in row.items()}
 
 
 def greedy(engine: TorchEngine, agent: str, prompt: list[int], n: int) -> list[int]:

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from agentsleep.cli import main
-from agentsleep.errors import SnapshotMismatch
+from agentsleep.errors import SnapshotMismatch, UnsupportedBackend
 from agentsleep.memory import SleepPolicy
 from agentsleep.memory.host import AgentHost
 from agentsleep.memory.worker import SleepWorker
@@ -100,14 +100,25 @@ def test_agent_host_revives_answers_and_moves_the_agent_to_v2_at_its_next_save(
     assert engine.export_state(agent).window == host.engine.export_state(agent).window
 
 
-def test_a_sleep_worker_claims_and_runs_a_job_queued_by_0_1_0(old_store: SnapshotStore) -> None:
+def test_a_sleep_queued_by_0_1_0_survives_the_upgrade(old_store: SnapshotStore) -> None:
+    """0.1.0 left a waiting sleep job for alice. On Postgres the upgrade carries it over to procrastinate (on the
+    queue of alice's v1 tag, with its passes) and a current worker of her model runs it; SQLite stores have no sleep
+    workers any more, so there the job is dropped (logged) and her memory, which a job never holds, is intact."""
     want = expected()["worker"]
+    if old_store.dialect != "postgresql":
+        assert old_store.sleep_jobs() == []
+        with pytest.raises(UnsupportedBackend):
+            SleepWorker(TorchEngine(model("hard")), old_store)
+        assert TorchEngine(model("hard")).revive("alice", old_store).snapshot_id == want["parent_id"]
+        return
+    (job,) = old_store.sleep_jobs("alice")
+    assert job.status == "todo" and job.passes == want["params"]["passes"]
     other = SleepWorker(TorchEngine(model("sliding")), old_store, worker_id="w-other")
     assert other.run_once() is None  # alice's job is not the sliding model's
     worker = SleepWorker(TorchEngine(model("hard")), old_store, worker_id="w-now")
-    job = worker.run_once()
-    assert job is not None and job.id == want["job_id"] and job.status == "done", job
-    rec = old_store.get(job.result_snapshot_id)
+    report = worker.run_once()
+    assert report is not None and report.job_id == job.id and report.status == "succeeded", report
+    rec = old_store.get(report.snapshot_id)
     assert rec.parent_id == want["parent_id"] and rec.tokens_consolidated == want["tokens_consolidated"]
     assert rec.fingerprint == V2["hard"] == old_store.agent("alice").fingerprint
     engine = TorchEngine(model("hard"))

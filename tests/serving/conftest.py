@@ -13,7 +13,7 @@ import torch
 from agentsleep.model.hybrid import SleepHybrid
 from agentsleep.serving.settings import VLLM_MISSING, apply_env_defaults
 
-from .helpers import build_checkpoint
+from .helpers import build_checkpoint, gpu_share
 
 apply_env_defaults()  # before vLLM is imported anywhere in this session
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -49,7 +49,9 @@ def engine(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     needs_vllm()
     from agentsleep.serving.engine import VLLMEngine
 
-    eng = VLLMEngine(checkpoint, state_dir=tmp_path_factory.mktemp("vllm-state"), max_num_seqs=8)
+    share = gpu_share()  # several vLLM instances share one GPU in the acceptance run
+    llm_kwargs = {"gpu_memory_utilization": share} if share is not None else None
+    eng = VLLMEngine(checkpoint, state_dir=tmp_path_factory.mktemp("vllm-state"), max_num_seqs=8, llm_kwargs=llm_kwargs)
     yield eng
     eng.close()
 

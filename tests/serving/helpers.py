@@ -128,3 +128,101 @@ def explained_by_rounding(got: list[int], want: list[int], ours: torch.Tensor, r
     margin = float(top[0] - top[1])
     err = float((ours[d] - ref_rows[d]).abs().max())
     return margin <= 2 * err
+
+
+# ---------------------------------------------------------------------------------------------------- servers
+
+STARTUP_TIMEOUT = 300  # seconds; ~20–45 s on 2 shared cores, more when several start at once
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One `agentsleep serve` process (its PID is the API server's: the command execs it)."""
+
+    def __init__(self, checkpoint: Path, store_url: str, log: Path, *args: str, env: dict | None = None) -> None:
+        import os
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        cmd = [sys.executable, "-m", "agentsleep.cli", "serve", str(checkpoint), "--port", str(self.port),
+               "--store", store_url, "--kv-cache-bytes", str(64 << 20), "--max-num-seqs", "4", *args]  # fmt: skip
+        full_env = {**os.environ, **(env or {})}
+        if gpu_share() is not None:  # several vLLM instances share one GPU in the acceptance run
+            cmd += ["--", "--gpu-memory-utilization", str(gpu_share())]
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> Server:
+        import time
+        import urllib.request
+
+        import pytest
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v1/models", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"server not ready after {timeout} s:\n{self.log.read_text()[-4000:]}")
+            time.sleep(1)
+
+    def children(self) -> set[int]:
+        """PIDs of the server's child processes (vLLM's engine core)."""
+        out: set[int] = set()
+        for task in Path(f"/proc/{self.proc.pid}/task").glob("*"):
+            try:
+                out |= {int(p) for p in (task / "children").read_text().split()}
+            except OSError:
+                continue
+        return out
+
+    def post(self, path: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
+        """POST JSON; (status, JSON answer) also for 4xx/5xx."""
+        import json
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+def gpu_share() -> float | None:
+    """On a GPU, the fraction of its memory each vLLM instance of the test run takes (None on CPU)."""
+    return 0.12 if torch.cuda.is_available() else None
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its reaper counts as gone: it holds no memory)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    state = next((line.split()[1] for line in status.splitlines() if line.startswith("State:")), "X")
+    return state not in ("Z", "X")

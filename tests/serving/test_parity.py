@@ -55,7 +55,7 @@ def test_bf16_parity_for_restored_states(engine, reference) -> None:
         sid = engine.states.save(f"parity-{kind}", S, [], reason="manual").id
         for seed in range(10, 16):
             W = rand_tokens(3 + 3 * (seed - 10), seed)
-            kv = {"agent_id": f"parity-{kind}", "snapshot_id": sid, "save": False}
+            kv = {"agent_id": f"parity-{kind}", "snapshot_id": sid}
             out = raw_generate(engine, [BOS, *W], kv, 12, logprobs=VOCAB)
             assert out.num_cached_tokens == 1  # the header was restored by the connector
             assert "error" not in (out.kv_transfer_params or {})

@@ -145,14 +145,15 @@ def test_prune_keeps_newest_and_current_and_nulls_parents(store: SnapshotStore) 
 def test_delete_agent_keeps_forks_alive(store: SnapshotStore) -> None:
     r = store.save("doomed", toy_state(1))
     store.save("doomed", toy_state(2))
-    store.enqueue_sleep("doomed")
+    if store.dialect == "postgresql":
+        store.enqueue_sleep("doomed")
     f = store.fork(r.id, "child")
     assert store.delete_agent("doomed") == 2
     with pytest.raises(UnknownAgent):
         store.history("doomed")
     with pytest.raises(UnknownSnapshot):
         store.load(r.id)
-    assert store.jobs("doomed") == []
+    assert store.sleep_jobs("doomed") == []
     child = store.latest("child")
     assert child.record.id == f.id and child.record.parent_id is None
     assert child.state.digest() == toy_state(1).digest()

@@ -23,7 +23,7 @@ def test_public_api_is_pinned() -> None:
             "AgentRecord",
             "Base",
             "LoadedSnapshot",
-            "SleepJob",
+            "MAX_WINDOW_TOKENS",
             "SleepJobRecord",
             "Snapshot",
             "SnapshotRecord",

@@ -15,7 +15,15 @@ from sqlalchemy import inspect, text
 from agentsleep.errors import StoreError
 from agentsleep.store import Base, SnapshotStore
 from agentsleep.store import payload as container
-from agentsleep.store.engine import alembic_config, current_revision, head_revision, make_engine, upgrade, writer
+from agentsleep.store.engine import (
+    alembic_config,
+    current_revision,
+    head_revision,
+    include_name,
+    make_engine,
+    upgrade,
+    writer,
+)
 
 from .helpers import toy_state
 
@@ -24,7 +32,8 @@ def _diff(url: str) -> list[object]:
     engine = make_engine(url)
     try:
         with engine.connect() as c:
-            return compare_metadata(MigrationContext.configure(c, opts={"compare_type": True}), Base.metadata)
+            opts = {"compare_type": True, "include_name": include_name}
+            return compare_metadata(MigrationContext.configure(c, opts=opts), Base.metadata)
     finally:
         engine.dispose()
 
@@ -46,8 +55,13 @@ def test_upgrade_from_base_step_by_step_matches_models(store_url: str) -> None:
         assert current_revision(engine) == "0001"
         assert {"agents", "snapshots"} <= set(inspect(engine).get_table_names())
         assert "sleep_jobs" not in inspect(engine).get_table_names()
+        upgrade(engine, "0002")
+        assert "sleep_jobs" in inspect(engine).get_table_names()
         upgrade(engine, "head")
-        assert current_revision(engine) == head_revision() == "0002"
+        assert current_revision(engine) == head_revision() == "0004"
+        tables = set(inspect(engine).get_table_names())
+        assert "sleep_jobs" not in tables  # 0004: sleep jobs live in procrastinate's tables (Postgres only)
+        assert ("procrastinate_jobs" in tables) == (engine.dialect.name == "postgresql")
     finally:
         engine.dispose()
     assert _diff(store_url) == []  # the migrations and the models describe the same schema
@@ -96,8 +110,10 @@ def test_data_written_at_0001_survives_upgrade(store_url: str) -> None:
     with SnapshotStore(store_url) as s:  # upgrades to head on open
         got = s.latest("old")
         assert got.state.digest() == st.digest() and got.window == [1, 2]
+        assert got.record.record_sha256 is not None  # 0003 sealed the old row
         assert s.save("old", toy_state(4)).seq == 2
-        s.enqueue_sleep("old")  # the 0002 table works
+        if s.dialect == "postgresql":
+            assert s.enqueue_sleep("old").status == "todo"  # 0004 installed the queue
     assert _diff(store_url) == []
 
 

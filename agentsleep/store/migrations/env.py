@@ -12,6 +12,7 @@ import os
 from alembic import context
 from sqlalchemy import Connection, create_engine
 
+from agentsleep.store.engine import include_name
 from agentsleep.store.models import Base
 
 target_metadata = Base.metadata
@@ -24,6 +25,7 @@ def _run(connection: Connection) -> None:
         # SQLite cannot ALTER constraints; batch mode rebuilds the table instead.
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        include_name=include_name,  # procrastinate's tables are procrastinate's
     )
     with context.begin_transaction():
         context.run_migrations()
