@@ -15,7 +15,10 @@ with and without checkpointing. Peak memory of the step:
 
 Ratios to N = 1 are what to read; absolute numbers depend on the allocator.
 
-Usage: python -m benchmarks.bench_train_memory [--passes 1 2 4 8] [--batch 64] [--width 16] [--device cpu]
+``--compile`` compiles every block first (`agentsleep train --compile`; on CPU it needs a C compiler and the warm-up
+step pays the compilation), to check that compiled blocks keep the flat profile.
+
+Usage: python -m benchmarks.bench_train_memory [--passes 1 2 4 8] [--batch 64] [--width 16] [--device cpu] [--compile]
 Test: tests/model/test_hybrid.py::test_activation_checkpointing_gives_the_same_loss_and_grads (same numbers).
 """
 
@@ -31,7 +34,7 @@ import sys
 import torch
 
 from agentsleep.train.optim import Optimizers
-from agentsleep.train.trainer import TrainConfig, batch_loss, build_model, make_task, step_seed
+from agentsleep.train.trainer import TrainConfig, batch_loss, build_model, compile_blocks, make_task, step_seed
 from benchmarks._common import banner, setup
 
 # glibc keeps freed heap inside the process, so its RSS would also count fragmentation (measured: half of the growth
@@ -59,6 +62,8 @@ def one_step_peak(cfg: TrainConfig, device: str) -> dict[str, float]:
     """Peak memory of one training step beyond what was allocated before it, in MiB."""
     task = make_task(cfg)
     model = build_model(cfg, task).to(device)
+    if cfg.compile:
+        compile_blocks(model)
     opts = Optimizers(model, name=cfg.optimizer)
 
     def step(i: int) -> None:
@@ -85,7 +90,7 @@ def one_step_peak(cfg: TrainConfig, device: str) -> dict[str, float]:
 def config(args: argparse.Namespace, n: int, ckpt: bool) -> TrainConfig:
     return TrainConfig(
         task_overrides={"W": args.width, "t": 2}, model={"layout": args.layout}, passes=n, batch_size=args.batch,
-        activation_checkpointing=ckpt, device=args.device,
+        activation_checkpointing=ckpt, device=args.device, compile=args.compile,
     )  # fmt: skip
 
 
@@ -96,6 +101,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=16, help="Rule 110 W = L")
     p.add_argument("--passes", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile every block")
     p.add_argument("--child", nargs=2, metavar=("N", "CKPT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     setup()
@@ -104,7 +110,8 @@ def main() -> None:
         print(json.dumps(one_step_peak(config(args, n, ckpt), args.device)))
         return
     banner("step peak memory: ~linear in N without checkpointing; with it only the (window, pass) boundary grows")
-    print(f"# rule110 W=L={args.width}, 4 states, layout {args.layout}, d=64, batch {args.batch}, device {args.device}")
+    print(f"# rule110 W=L={args.width}, 4 states, layout {args.layout}, d=64, batch {args.batch}, device {args.device}"
+          f"{', compiled blocks' if args.compile else ''}")  # fmt: skip
     print("| N | checkpointing | step peak MiB | vs N=1 |")
     print("|---|---|---|---|")
     for ckpt in (False, True):
@@ -115,7 +122,7 @@ def main() -> None:
             else:
                 cmd = [sys.executable, "-m", "benchmarks.bench_train_memory", "--layout", args.layout, "--batch",
                        str(args.batch), "--width", str(args.width), "--device", args.device, "--child", str(n),
-                       str(int(ckpt))]  # fmt: skip
+                       str(int(ckpt))] + (["--compile"] if args.compile else [])  # fmt: skip
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **MALLOC})
                 r = json.loads(out.stdout.splitlines()[-1])
             base = base or r["peak_mb"]

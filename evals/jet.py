@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     per_kind = {k: harness.collect(rs, "exact") for k, rs in runs.items()}
     shown = [a for a in argv if a != "--report-only"]
     command = "python -m evals.jet " + " ".join(shlex.quote(a) for a in shown)
-    results = harness.RESULTS
+    results = next(iter(per_args.values())).results_dir  # --results-dir after "--" (default evals/results)
     results.mkdir(parents=True, exist_ok=True)
     stem = results / args.name
     stem.with_suffix(".json").write_text(json.dumps({"command": command, "kinds": per_kind}, indent=1) + "\n")
