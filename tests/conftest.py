@@ -15,3 +15,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(42)
+
+
+@pytest.fixture(autouse=True)
+def _private_default_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test's default snapshot store (`AGENTSLEEP_STORE_URL`, which `SleepMemory()` and the CLI fall back to) is
+    its own file: the built-in default, ./agentsleep.db, would carry agents from one test (and one run) into the next.
+    Tests of the default itself delete the variable."""
+    db = tmp_path_factory.mktemp("default-store") / "agentsleep.db"
+    monkeypatch.setenv("AGENTSLEEP_STORE_URL", f"sqlite:///{db}")

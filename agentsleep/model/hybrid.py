@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 SERVABLE_GDN_HEAD_DIMS = (64, 128)  # vLLM's CPU GDN kernel accepts only these (spec/vllm-cpu.md §3.2)
 MIN_ATTN_HEAD_DIM = 32  # smallest head size of vLLM's CPU attention backend (spec/vllm-cpu.md §2.2)
 MLP_KINDS = {"d": "SwiGLU", "e": "mixture of experts", "-": "none"}
+MEMORY_KINDS = ("g", "j")  # block kinds that carry a fast-weight state S: Gated DeltaNet, Jet (agentsleep.model.jet)
 
 
 class HybridConfig(BaseModel):
@@ -47,7 +48,11 @@ class HybridConfig(BaseModel):
 
     vocab_size: int = Field(gt=0, description="number of token ids (task vocabularies are tiny)")
     d_model: int = Field(64, gt=0, description="residual width d")
-    layout: str = Field("agag", description="block kinds in order: 'a' attention, 'g' Gated DeltaNet (paper Eq. 5)")
+    layout: str = Field(
+        "agag",
+        description="block kinds in order: 'a' attention, 'g' Gated DeltaNet (paper Eq. 5), 'j' Jet (GDN with a "
+        "dynamic value conv, paper §2.2)",
+    )
     attn_heads: int = Field(2, gt=0, description="attention query heads")
     attn_kv_heads: int | None = Field(None, description="attention K/V heads (GQA); default = attn_heads")
     attn_head_dim: int | None = Field(None, description="attention head size (≥ 32); default d_model // attn_heads")
@@ -101,6 +106,13 @@ class HybridConfig(BaseModel):
     moe_intermediate_size: int | None = Field(None, description="hidden size of each routed expert")
     moe_shared_intermediate_size: int = Field(0, ge=0, description="hidden size of the sigmoid-gated shared expert")
     moe_norm_topk: bool = Field(True, description="renormalise the top-k routing weights to sum to 1")
+    # ---- Jet memory layers ('j' in layout)
+    jet_generator_reduction: int = Field(
+        8,
+        ge=1,
+        description="Jet layers: the dynamic-conv kernel generator's hidden size is (H_v·d_v) / this (8 in "
+        "Jet-Nemotron-2B, paper §2.5)",
+    )
     max_attention_span: int | None = Field(
         None,
         description="longest span the attention layers were trained on (max positions, or a sliding window); "
@@ -138,12 +150,12 @@ class HybridConfig(BaseModel):
     @model_validator(mode="after")
     def _validate(self) -> HybridConfig:
         n = len(self.layout)
-        if not self.layout or set(self.layout) - {"a", "g"}:
-            raise ConfigError(f"layout must be a non-empty string of 'a' and 'g', got {self.layout!r}")
+        if not self.layout or set(self.layout) - {"a", *MEMORY_KINDS}:
+            raise ConfigError(f"layout must be a non-empty string of 'a', 'g' and 'j', got {self.layout!r}")
         if self.attn_heads % self.attn_kv_heads:  # type: ignore[operator]
             raise ConfigError(f"attn_heads ({self.attn_heads}) must be a multiple of attn_kv_heads")
         if self.check_serving:
-            problems = self.serving_problems()
+            problems = self._kernel_problems()  # a Jet layer is trainable and TorchEngine-served: listed, not refused
             if problems:
                 raise ConfigError(problems[0])
         rot = self.rotary_dim if self.rotary_dim is not None else self.attn_head_dim
@@ -187,9 +199,17 @@ class HybridConfig(BaseModel):
     def serving_problems(self) -> list[str]:
         """What vLLM's CPU kernels cannot serve in this config (spec/vllm-cpu.md §2.2, §3.2); empty if servable.
 
-        Native configs refuse these at construction (``check_serving``); imported checkpoints load anyway and carry
-        the list, so only serving refuses them.
+        Native configs refuse the head sizes at construction (``check_serving``); imported checkpoints load anyway
+        and carry the list, so only serving refuses them. Jet layers ('j') are listed, never refused at construction:
+        the vLLM plugin has no Jet layer yet, the torch engine runs them.
         """
+        problems = self._kernel_problems()
+        if "j" in self.layout:
+            problems.append("Jet layers ('j' in layout) are not implemented by the vLLM plugin; serve with TorchEngine")
+        return problems
+
+    def _kernel_problems(self) -> list[str]:
+        """Head sizes vLLM's CPU kernels cannot serve."""
         problems = []
         if self.attn_head_dim < MIN_ATTN_HEAD_DIM or self.attn_head_dim % 2:  # type: ignore[operator]
             problems.append(
@@ -305,7 +325,7 @@ class SleepHybrid(nn.Module):
         return self.embed_tokens.weight.dtype
 
     def _gdn_layers(self) -> list[Block]:
-        return [b for b in self.layers if b.kind == "g"]  # type: ignore[misc]
+        return [b for b in self.layers if b.kind in MEMORY_KINDS]  # type: ignore[misc]
 
     def _attn_layers(self) -> list[Block]:
         return [b for b in self.layers if b.kind == "a"]  # type: ignore[misc]
@@ -373,9 +393,9 @@ class SleepHybrid(nn.Module):
         it has none."""
         ssm_slot, kv_slot, n_g, n_a = [], [], 0, 0
         for blk in self.layers:
-            ssm_slot.append(n_g if blk.kind == "g" else -1)
+            ssm_slot.append(n_g if blk.kind in MEMORY_KINDS else -1)
             kv_slot.append(n_a if blk.kind == "a" else -1)
-            n_g, n_a = n_g + (blk.kind == "g"), n_a + (blk.kind == "a")
+            n_g, n_a = n_g + (blk.kind in MEMORY_KINDS), n_a + (blk.kind == "a")
         return ssm_slot, kv_slot
 
     def _pass(
@@ -442,13 +462,21 @@ class SleepHybrid(nn.Module):
         return FastWeights(ssm=ssm, kv=kv, kv_valid=kv_valid, fingerprint=fp, batch=B)
 
     def _run_window(
-        self, tokens: Tensor, state: FastWeights, passes: int, use_checkpoint: bool = False, coda_read: bool = False
+        self,
+        tokens: Tensor,
+        state: FastWeights,
+        passes: int,
+        use_checkpoint: bool = False,
+        coda_read: bool = False,
+        wake_features: bool = False,
     ) -> tuple[Tensor, FastWeights, bool]:
         """Run ``passes`` passes over one window. Returns (last pass's features [B, slots, d], next state, has_bos).
 
         With a ``loop`` that ends before the last block and passes > 1, the last pass ends at the loop's last block;
         ``coda_read`` then runs the blocks after it once more over those features, from the window's starting S and
         keeping none of what they write, so the features are those of prelude → loop^N → coda.
+        ``wake_features`` returns pass 1's features instead (what wake decoding predicts from, before the window is
+        slept) with the state after all ``passes``: a window as an engine lives it (chat fine-tuning).
         """
         B, T = tokens.shape
         if T > self.config.window:
@@ -483,7 +511,7 @@ class SleepHybrid(nn.Module):
             h, ssm, kvs = run(h, ctx, ssm, prefix, kvs, hi, n_blocks)
         for _ in range(passes - 1):
             h_loop, ssm, kvs = run(h_loop, ctx, ssm, prefix, kvs, lo, hi)
-        if passes > 1:
+        if passes > 1 and not wake_features:
             h = h_loop
             if coda_read and hi < n_blocks:  # whole-model features: the coda over the refined loop output, read-only
                 h = self._pass(h, ctx, list(state.ssm), prefix, kvs, hi, n_blocks)[0]

@@ -286,9 +286,20 @@ class GatedDeltaNet(nn.Module):
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = l2_normalize(_up(q.reshape(B, T, self.h_k, self.d_k)), self.l2norm_eps) * self.d_k**-0.5
         k = l2_normalize(_up(k.reshape(B, T, self.h_k, self.d_k)), self.l2norm_eps)
+        out, state = self._recur(x, q, k, v.reshape(B, T, self.h_v, self.d_v), z, b, a, state, valid)
+        return out, state, new_conv
+
+    def _recur(
+        self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, z: Tensor, b: Tensor, a: Tensor, state: Tensor,
+        valid: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """Gates, the gated delta rule from ``state``, gated norm and output projection (shared with the Jet layer).
+
+        q, k: [B, T, H_k, d_k] normalised (q scaled); v, z: [B, T, H_v, d_v]; b, a: [B, T, H_v] -> out [B, T, d], S.
+        """
+        B, T, _ = x.shape
         if self.ratio > 1:  # GQA-style: each key head serves r value heads
             q, k = q.repeat_interleave(self.ratio, dim=2), k.repeat_interleave(self.ratio, dim=2)
-        v = v.reshape(B, T, self.h_v, self.d_v)
         beta = _up(b).sigmoid()  # [B, T, H_v]
         g = -_up(self.A_log).exp() * F.softplus(_up(a) + _up(self.dt_bias))  # log α ≤ 0
         if valid is not None:
@@ -297,7 +308,7 @@ class GatedDeltaNet(nn.Module):
         op = gated_delta_rule_reference if T <= RECURRENT_MAX_T else gated_delta_rule
         o, state = op(q, k, _up(v), g=g, beta=beta, initial_state=state)  # o [B, T, H_v, d_v]
         o = self.norm(o.to(x.dtype), z)
-        return self.out_proj(o.reshape(B, T, self.value_dim)), state, new_conv
+        return self.out_proj(o.reshape(B, T, self.value_dim)), state
 
 
 # ---------------------------------------------------------------------------------------------------- MLP and block
@@ -372,8 +383,9 @@ class PassContext:
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + Mixer(norm(x)), then x + MLP(norm(x)). The mixer is attention ('a') or GDN ('g'); the MLP
-    is SwiGLU ('d'), a mixture of experts ('e') or absent ('-': a memory layer inserted without MLP)."""
+    """Pre-norm block: x + Mixer(norm(x)), then x + MLP(norm(x)). The mixer is attention ('a'), GDN ('g') or Jet (GDN
+    with a dynamic value conv, 'j': `agentsleep.model.jet`); the MLP is SwiGLU ('d'), a mixture of experts ('e') or
+    absent ('-': a memory layer inserted without MLP)."""
 
     def __init__(self, cfg: HybridConfig, kind: str, mlp: str = "d") -> None:
         super().__init__()
@@ -381,6 +393,10 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         if kind == "a":
             self.self_attn = WindowAttention(cfg)
+        elif kind == "j":
+            from agentsleep.model.jet import JetGatedDeltaNet  # jet.py builds on this module
+
+            self.linear_attn = JetGatedDeltaNet(cfg)
         else:
             self.linear_attn = GatedDeltaNet(cfg)
         self.post_attention_layernorm: RMSNorm | None = None

@@ -12,9 +12,22 @@ scale q and k: the layer does that. Both functions take and return the same shap
 
 Compute happens in float32 (float64 if any input is float64, for tests); the state is returned in that dtype and the
 output in v's dtype. Call these functions with keywords for g and beta (fla disagrees with itself on their order).
+
+Backends (`choose_backend`, a pure function): on a CUDA device `gated_delta_rule` runs flash-linear-attention's Triton
+kernel ``chunk_gated_delta_rule`` (the ``fla`` extra); everywhere else, and wherever that kernel cannot take the
+inputs, it runs `gated_delta_rule_chunked`, this module's own chunked op — the CPU path, and with
+`gated_delta_rule_reference` the reference the kernel is tested against (scripts/gpu_check.sh). The torch path always
+computes in float32 with autocast off, so S stays float32 under bf16 autocast (paper.md §2.2 [ours]).
+``AGENTSLEEP_GDR_BACKEND=torch`` forces the torch path (``fla`` demands the kernel; ``auto``, the default, chooses).
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -22,6 +35,63 @@ from torch import Tensor
 from agentsleep.errors import InvalidInput
 
 DEFAULT_CHUNK_SIZE = 64
+BACKEND_ENV = "AGENTSLEEP_GDR_BACKEND"
+BACKENDS = ("auto", "torch", "fla")
+FLA_MAX_HEAD_DIM = 256  # fla's chunk kernels: "head dimension larger than 256" is refused (common/chunk_delta_h.py)
+FLA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+Backend = Literal["torch", "fla"]
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Which implementation runs the gated delta rule, and why (for logs and error messages)."""
+
+    backend: Backend
+    reason: str
+
+
+def choose_backend(
+    *, device_type: str, dtype: torch.dtype, head_k: int, head_v: int, fla_available: bool, requested: str = "auto"
+) -> Dispatch:
+    """The dispatch rule, with no side effects (tested on CPU for every branch).
+
+    Args:
+        device_type: ``q.device.type`` ("cpu", "cuda", ...). dtype: the compute dtype of the inputs.
+        head_k, head_v: d_k and d_v. fla_available: fla and triton are importable (`fla_available`).
+        requested: "auto", "torch" (force this module's op) or "fla" (demand the kernel: an error if it cannot run).
+
+    Raises:
+        InvalidInput: an unknown ``requested``, or "fla" requested where the kernel cannot run (the reason is named).
+    """
+    if requested not in BACKENDS:
+        raise InvalidInput(f"{BACKEND_ENV} / backend must be one of {BACKENDS}, got {requested!r}")
+    if requested == "torch":
+        return Dispatch("torch", f"forced ({BACKEND_ENV}=torch)")
+    blocker = None
+    if device_type != "cuda":
+        blocker = f"fla's Triton kernels need a CUDA device, the inputs are on {device_type!r}"
+    elif not fla_available:
+        blocker = "fla-core / triton are not installed (pip install 'agentsleep[fla]')"
+    elif dtype not in FLA_DTYPES:
+        blocker = f"fla's kernels take float32/bfloat16/float16, not {dtype}"
+    elif head_k > FLA_MAX_HEAD_DIM:
+        blocker = f"fla's kernels take d_k ≤ {FLA_MAX_HEAD_DIM}, got {head_k}"
+    if blocker is None:
+        return Dispatch("fla", "CUDA device with fla available")
+    if requested == "fla":
+        raise InvalidInput(f"{BACKEND_ENV}=fla, but the kernel cannot run here: {blocker}")
+    return Dispatch("torch", blocker)
+
+
+@cache
+def fla_available() -> bool:
+    """Whether fla's Triton ops can be imported (checked without importing them: the import costs seconds)."""
+    return importlib.util.find_spec("fla") is not None and importlib.util.find_spec("triton") is not None
+
+
+def requested_backend() -> str:
+    """The backend asked for by ``AGENTSLEEP_GDR_BACKEND`` (default "auto")."""
+    return os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None) -> torch.dtype:
@@ -54,6 +124,13 @@ def gated_delta_rule_reference(
         o: ``[B, T, H, V]`` in v's dtype. final_state: ``[B, H, K, V]`` in the compute dtype.
     """
     dt = _check(q, k, v, g, beta, initial_state)
+    with torch.autocast(q.device.type, enabled=False):  # S in float32 even under bf16 autocast
+        return _recurrent(q, k, v, g, beta, initial_state, dt)
+
+
+def _recurrent(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None, dt: torch.dtype
+) -> tuple[Tensor, Tensor]:
     B, T, H, K = q.shape
     V = v.shape[-1]
     q, k, v, g, beta = (x.to(dt) for x in (q, k, v, g, beta))
@@ -70,6 +147,66 @@ def gated_delta_rule_reference(
 
 
 def gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    *,
+    initial_state: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The fast gated delta rule: fla's Triton kernel on CUDA, `gated_delta_rule_chunked` elsewhere (module doc).
+
+    Args and returns as `gated_delta_rule_chunked`, plus ``backend`` ("auto" / "torch" / "fla"; default: the
+    ``AGENTSLEEP_GDR_BACKEND`` environment variable, else "auto"). On the fla path under autocast, q, k, v and beta
+    enter the kernel in the autocast dtype (as fla's own layers feed it) and o comes back in it; g and the state are
+    float32 there too (fla keeps S in float32).
+    """
+    dt = _check(q, k, v, g, beta, initial_state)
+    if q.shape[1] > 0:
+        d = choose_backend(
+            device_type=q.device.type,
+            dtype=dt,
+            head_k=q.shape[-1],
+            head_v=v.shape[-1],
+            fla_available=fla_available(),
+            requested=requested_backend() if backend is None else backend,
+        )
+        if d.backend == "fla":
+            return _fla_chunk(q, k, v, g, beta, initial_state)
+    return gated_delta_rule_chunked(q, k, v, g=g, beta=beta, initial_state=initial_state, chunk_size=chunk_size)
+
+
+@cache
+def _fla_op() -> Any:
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # imported on first CUDA use only
+
+    return chunk_gated_delta_rule
+
+
+def _fla_chunk(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """fla's ``chunk_gated_delta_rule``, called by keyword (its positional order is (q, k, v, g, beta)). Our q is
+    already scaled by the layer, hence ``scale=1``; state layout [B, H, K, V] is fla's default (key-major)."""
+    dev = q.device.type
+    act = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else v.dtype
+    o, S = _fla_op()(
+        q=q.to(act),
+        k=k.to(act),
+        v=v.to(act),
+        g=g.float(),
+        beta=beta.to(act),
+        scale=1.0,
+        initial_state=None if initial_state is None else initial_state.float(),
+        output_final_state=True,
+    )
+    return o, S
+
+
+def gated_delta_rule_chunked(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -107,13 +244,21 @@ def gated_delta_rule(
         >>> q, k = torch.nn.functional.normalize(torch.randn(2, B, T, H, K), dim=-1)
         >>> v = torch.randn(B, T, H, V)
         >>> g, beta = -torch.rand(B, T, H), torch.rand(B, T, H)
-        >>> o, S = gated_delta_rule(q, k, v, g=g, beta=beta)
+        >>> o, S = gated_delta_rule_chunked(q, k, v, g=g, beta=beta)
         >>> o.shape, S.shape
         (torch.Size([1, 100, 2, 64]), torch.Size([1, 2, 64, 64]))
     """
     dt = _check(q, k, v, g, beta, initial_state)
     if chunk_size < 1:
         raise InvalidInput(f"chunk_size must be ≥ 1, got {chunk_size}")
+    with torch.autocast(q.device.type, enabled=False):  # S in float32 even under bf16 autocast
+        return _chunked(q, k, v, g, beta, initial_state, chunk_size, dt)
+
+
+def _chunked(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None, chunk_size: int,
+    dt: torch.dtype,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     B, T, H, K = q.shape
     V = v.shape[-1]
     if T == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,14 @@ def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
                 raise InvalidInput(f"expected KEY=VALUE, got {part!r}")
             out[key.strip()] = _value(val.strip())
     return out
+
+
+def parse_loop(text: str) -> list[int]:
+    """``"2:6"`` → ``[2, 6]``: the block range [start, end) that sleep passes 2..N repeat."""
+    start, sep, end = text.partition(":")
+    if not sep or not start.strip().isdigit() or not end.strip().isdigit():
+        raise InvalidInput(f"--loop takes START:END block indices, e.g. 2:6; got {text!r}")
+    return [int(start), int(end)]
 
 
 def parse_curriculum(text: str | None) -> list[tuple[int, dict[str, Any]]]:
@@ -104,6 +113,43 @@ def parse_curriculum(text: str | None) -> list[tuple[int, dict[str, Any]]]:
 @click.option("--compile/--no-compile", "compile_", default=False, help="torch.compile every block.")
 @click.option("--threads", default=1, show_default=True)
 @click.option(
+    "--device", default="auto", show_default=True, help="auto (the rank's GPU if any, else CPU), cpu, cuda, cuda:N."
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="bfloat16: autocast activations; weights, optimizer state and S stay float32.",
+)
+@click.option("--fsdp", is_flag=True, help="Under torchrun: shard the model with FSDP2 instead of DDP.")
+@click.option(
+    "--stage",
+    type=click.IntRange(0, 2),
+    default=0,
+    show_default=True,
+    help="Two-stage recipe (paper §6): 1 = memory layers only, hard eviction; 2 = everything, sliding eviction.",
+)
+@click.option(
+    "--trainable",
+    default=None,
+    help="What learns: all, memory (GDN/Jet mixers), or glob patterns (default: all; stage 1: memory).",
+)
+@click.option(
+    "--loop",
+    "loop_range",
+    default=None,
+    help="Blocks START:END repeated in sleep passes 2..N (paper §2.5; default: the whole stack).",
+)
+@click.option(
+    "--data",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Chat fine-tuning: a JSONL file of {'messages': [...]} (with --init-from a checkpoint with a chat template).",
+)
+@click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), default=None, help="Held-out chat JSONL.")
+@click.option("--log-every", type=int, default=None, help="Steps between log rows [eval-every].")
+@click.option(
     "--config",
     "config_file",
     type=click.Path(exists=True, dir_okay=False),
@@ -131,6 +177,8 @@ def train(ctx: click.Context, **opts: Any) -> None:
     except (AgentSleepError, ValueError, OSError) as e:  # pydantic's ValidationError is a ValueError
         click.echo("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), err=True)
         sys.exit(2)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports for all
+        return
     scores = {k: round(v, 4) for k, v in result["eval"].items() if isinstance(v, float)}
     click.echo(
         json.dumps(
@@ -186,7 +234,17 @@ def _fields(ctx: click.Context, opts: dict[str, Any]) -> dict[str, Any]:
         "activation_checkpointing": opts["checkpointing"],
         "compile": opts["compile_"],
         "threads": opts["threads"],
+        "device": opts["device"],
+        "precision": opts["precision"],
+        "fsdp": opts["fsdp"],
+        "stage": opts["stage"],
+        "data": opts["data"],
+        "eval_data": opts["eval_data"],
+        "log_every": opts["log_every"],
     }
+    if opts["trainable"] is not None:  # unset: the stage's default (TrainConfig)
+        mapping["trainable"] = opts["trainable"]
+
     option_of = {
         "task_overrides": "task_set",
         "model": "model_set",
@@ -196,4 +254,6 @@ def _fields(ctx: click.Context, opts: dict[str, Any]) -> dict[str, Any]:
     for key, val in mapping.items():
         if not opts["config_file"] or option_of.get(key, key) in explicit or key not in fields:
             fields[key] = val
+    if opts["loop_range"] is not None:
+        fields["model"] = {**(fields.get("model") or {}), "loop": parse_loop(opts["loop_range"])}
     return fields

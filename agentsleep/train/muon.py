@@ -21,6 +21,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from agentsleep.train.distributed import full, is_sharded, like
+
 # Quintic coefficients that maximise the slope at zero (Jordan et al.): after 5 steps every singular value of a
 # normalised matrix lies in roughly [0.7, 1.2] instead of exactly 1, which is what the update needs and costs 5 matmuls.
 QUINTIC = (3.4445, -4.7750, 2.0315)
@@ -53,6 +55,16 @@ def newton_schulz(G: Tensor, steps: int = 5, coeffs: tuple[float, float, float] 
     if transposed:
         X = X.mT
     return X.to(G.dtype)
+
+
+def orthogonalise(u: Tensor, steps: int) -> Tensor:
+    """`newton_schulz` of the whole matrix ``u``. A sharded ``u`` (FSDP2: a DTensor holding rows of the matrix on each
+    rank) is gathered first and every rank keeps its own rows of the result: orthogonalising the shards separately
+    would give a different update (the polar factor of a matrix is not the stack of its row blocks' polar factors).
+    Under DDP ``u`` is already whole on every rank (the averaged gradient), so every rank computes the same update."""
+    if not is_sharded(u):
+        return newton_schulz(u, steps)
+    return like(newton_schulz(full(u), steps), u)
 
 
 def update_scale(shape: torch.Size, mode: Scale) -> float:
@@ -114,7 +126,7 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.mul_(mu).add_(p.grad)
                 u = p.grad.add(buf, alpha=mu) if group["nesterov"] else buf
-                o = newton_schulz(u, group["ns_steps"])
+                o = orthogonalise(u, group["ns_steps"])
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(o, alpha=-group["lr"] * update_scale(p.shape, group["scale"]))

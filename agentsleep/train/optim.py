@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from agentsleep.errors import CheckpointError
+from agentsleep.train.distributed import full, is_sharded, like
 from agentsleep.train.muon import Muon, Scale
 
 OptimizerName = Literal["muon", "adamw"]
@@ -99,17 +100,21 @@ class Optimizers:
 
     # ------------------------------------------------------------------ state as safetensors + JSON
 
-    def save(self, path: Path) -> None:
-        """Write ``optimizer.safetensors`` (every state tensor) and ``optimizer.json`` (hyperparameters, layout)."""
+    def save(self, path: Path, *, write: bool = True) -> None:
+        """Write ``optimizer.safetensors`` (every state tensor, whole) and ``optimizer.json`` (hyperparameters, layout).
+
+        Sharded (FSDP2) state is gathered, so under FSDP2 every rank calls this; only ranks with ``write`` write."""
         tensors: dict[str, torch.Tensor] = {}
         meta: list[dict[str, Any]] = []
         for i, opt in enumerate(self.opts):
             sd = opt.state_dict()
             for pid, st in sd["state"].items():
                 for key, val in st.items():
-                    t = val if torch.is_tensor(val) else torch.tensor(val)
+                    t = full(val) if torch.is_tensor(val) else torch.tensor(val)
                     tensors[f"{i}.{pid}.{key}"] = t.detach().cpu().contiguous()
             meta.append({"type": type(opt).__name__, "param_groups": sd["param_groups"]})
+        if not write:
+            return
         save_file(tensors, str(path / OPTIM_TENSORS))
         (path / OPTIM_JSON).write_text(json.dumps({"names": self.names, "optimizers": meta}, indent=1) + "\n")
 
@@ -122,10 +127,14 @@ class Optimizers:
         if meta["names"] != self.names or len(meta["optimizers"]) != len(self.opts):
             raise CheckpointError(f"optimizer state in {path} was saved for different parameters; start fresh")
         for i, (opt, m) in enumerate(zip(self.opts, meta["optimizers"])):
+            params = [p for g in opt.param_groups for p in g["params"]]  # state-dict ids count these in order
             state: dict[int, dict[str, torch.Tensor]] = {}
             for key, t in tensors.items():
                 oi, pid, name = key.split(".", 2)
                 if int(oi) == i:
+                    p = params[int(pid)]
+                    if is_sharded(p) and t.shape == p.shape:  # FSDP2: this rank's shard of the saved whole tensor
+                        t = like(t, p)
                     state.setdefault(int(pid), {})[name] = t
             groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in m["param_groups"]]  # JSON
             opt.load_state_dict({"state": state, "param_groups": groups})

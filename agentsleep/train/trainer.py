@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import json
 import logging
 import math
@@ -33,11 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from agentsleep.errors import CheckpointError
+from agentsleep.errors import CheckpointError, ConfigError, InvalidInput
 from agentsleep.model.adaptive import AutoPasses, forward_adaptive
-from agentsleep.model.hybrid import HybridConfig, SleepHybrid
+from agentsleep.model.hybrid import MEMORY_KINDS, HybridConfig, SleepHybrid
 from agentsleep.model.state import FastWeights
 from agentsleep.tasks import Task, depo, get_task
+from agentsleep.train import chat_data, distributed
 from agentsleep.train.optim import OptimizerName, Optimizers, lr_factor
 
 log = logging.getLogger(__name__)
@@ -128,6 +131,46 @@ class TrainConfig(BaseModel):
     activation_checkpointing: bool = Field(False, description="recompute each (window, pass) in backward")
     compile: bool = Field(False, description="torch.compile every block (CPU: needs a C compiler)")
     threads: int = Field(1, ge=1, description="torch threads (one per run was the most stable on 2 shared cores)")
+    # ---- scale (docs/training.md "At scale"): devices, precision, torchrun, the paper's recipes, chat data
+    device: str = Field(
+        "auto", description="'auto' (the rank's GPU if CUDA is available, else the CPU), 'cpu', 'cuda', 'cuda:1'"
+    )
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="'bfloat16': autocast activations to bf16; weights, optimizer state and S stay float32 "
+        "(paper.md §6 [ours])",
+    )
+    fsdp: bool = Field(False, description="under torchrun: shard the model with FSDP2 (fully_shard) instead of DDP")
+    world_size: int = Field(1, ge=1, description="processes the run trained with (recorded by the trainer)")
+    stage: Literal[0, 1, 2] = Field(
+        0,
+        description="the paper's two-stage warm-up (§6): 1 = only the memory layers learn, hard eviction; 2 = the "
+        "whole model, sliding-window eviction, from the stage-1 checkpoint (init_from). 0 = no recipe",
+    )
+    trainable: str = Field(
+        "all",
+        description="parameters that learn: 'all', 'memory' (the memory mixers: GDN / Jet layers and their input "
+        "norms, i.e. the inserted memory layers of an attention model), or comma-separated glob patterns over "
+        "parameter names (e.g. 'layers.1*.linear_attn.*,lm_head.*')",
+    )
+    data: str | None = Field(
+        None, description="chat fine-tuning: a JSONL file of {'messages': [...]} (needs init_from with a chat template)"
+    )
+    eval_data: str | None = Field(None, description="chat fine-tuning: held-out conversations (JSONL) to score")
+    log_every: int | None = Field(None, ge=1, description="steps between log rows (default: eval_every)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_defaults(cls, data: Any) -> Any:
+        """Stage 1 / 2 fill in what they mean unless given explicitly (paper §6: 1 epoch of the memory layers alone
+        under hard eviction, then the whole model under sliding-window eviction)."""
+        if not isinstance(data, dict) or data.get("stage") in (None, 0):
+            return data
+        stage = int(data["stage"])
+        d = dict(data)
+        d.setdefault("trainable", "memory" if stage == 1 else "all")
+        d["model"] = {"eviction": "hard" if stage == 1 else "sliding", **dict(d.get("model") or {})}
+        return d
 
     @model_validator(mode="after")
     def _passes_range(self) -> TrainConfig:
@@ -138,6 +181,12 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"passes_mean {self.passes_mean} is outside [{self.passes_min}, {self.passes}]")
         if any(n < 1 for n in self.eval_passes):
             raise ValueError(f"eval_passes must be ≥ 1, got {self.eval_passes}")
+        if self.stage == 2 and not self.init_from:
+            raise ValueError("stage 2 continues from the stage-1 checkpoint: give init_from (--init-from STAGE1_DIR)")
+        if self.data is not None and not self.init_from:
+            raise ValueError("chat data (--data) trains a model with a chat template: give init_from (--init-from DIR)")
+        if self.eval_data is not None and self.data is None:
+            raise ValueError("eval_data is for chat fine-tuning: give data too")
         return self
 
     @property
@@ -250,14 +299,24 @@ def build_model(cfg: TrainConfig, task: Task) -> SleepHybrid:
         init_slow_gates(model)
     if cfg.init_from:
         src = SleepHybrid.from_pretrained(cfg.init_from)
-        a, b = src.config.model_dump(exclude={"passes"}), hc.model_dump(exclude={"passes"})
+        a, b = src.config.model_dump(exclude=RUN_FIELDS), hc.model_dump(exclude=RUN_FIELDS)
         if a != b:
             diff = {k: (a[k], b[k]) for k in a if a[k] != b.get(k)}
-            raise CheckpointError(f"--init-from {cfg.init_from} has a different architecture: {diff}")
+            hint = (
+                ""
+                if src.config.model_dump().get("vocab_size") == task.vocab_size
+                else (" (a Hugging Face or other pretrained model fine-tunes on chat data: --data conversations.jsonl)")
+            )
+            raise CheckpointError(f"--init-from {cfg.init_from} has a different architecture: {diff}{hint}")
         model.load_state_dict(src.state_dict())
+        model.source_dir = src.source_dir
     model.refresh_fingerprint()
     return model
 
+
+# HybridConfig fields a warm start may change: how the same weights are run, not what they are (paper §6's stage 2
+# switches hard to sliding eviction; N, L and the looped range are the recipe's to choose).
+RUN_FIELDS = {"passes", "eviction", "window", "loop", "max_attention_span", "check_serving"}
 
 SLOW_DT = (1e-3, 1e-2)  # per-token decay g = -A·dt with A = 1: 0.5%–10% lost over a 100-token sequence
 
@@ -267,7 +326,7 @@ def init_slow_gates(model: SleepHybrid, dt_range: tuple[float, float] = SLOW_DT)
     """Re-draw every GDN head's decay so S starts out long-lived: A_log = 0 (A = 1), dt log-uniform in ``dt_range``,
     stored as softplus⁻¹(dt) like the layer's own init. Uses the global torch RNG (seeded by the caller)."""
     for blk in model.layers:
-        if blk.kind != "g":
+        if blk.kind not in MEMORY_KINDS:  # GDN and Jet layers share the gate parameterisation
             continue
         gdn = blk.linear_attn
         gdn.A_log.zero_()
@@ -339,7 +398,7 @@ def batch_loss(
     groups = [batch] if np.all(batch.lengths == batch.seq_len) else list(batch.buckets().values())
     total, n = torch.zeros(()), 0
     for b in groups:
-        x, m = torch.from_numpy(b.tokens), torch.from_numpy(b.loss_mask)
+        x, m = torch.from_numpy(b.tokens).to(model.device), torch.from_numpy(b.loss_mask).to(model.device)
         k = int(m.sum())
         loss = windowed_loss(
             model,
@@ -375,7 +434,7 @@ def predict(
             else {c: np.flatnonzero(sub.n_windows == c) for c in groups}
         )
         for c, b in groups.items():
-            x, m = torch.from_numpy(b.tokens), torch.from_numpy(b.loss_mask)
+            x, m = torch.from_numpy(b.tokens).to(model.device), torch.from_numpy(b.loss_mask).to(model.device)
             if isinstance(passes, AutoPasses):
                 logits, per_window = forward_adaptive(
                     model, x, m, max_passes=passes.max_passes, tol=passes.tol, criterion=passes.criterion
@@ -384,10 +443,10 @@ def predict(
                     used.append(per_window[per_window > 0].numpy())
             else:
                 logits, _ = model(x, m, passes)  # [b, T', V] target-aligned
-            tok_ce = F.cross_entropy(logits.transpose(1, 2), x, reduction="none") * m  # [b, T']
+            tok_ce = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none") * m  # [b, T']
             rows = s + rows_of[c]
-            ids[rows, : x.shape[1]] = logits.argmax(-1).numpy()
-            ce[rows, : x.shape[1]] = tok_ce.numpy()
+            ids[rows, : x.shape[1]] = logits.argmax(-1).cpu().numpy()
+            ce[rows, : x.shape[1]] = tok_ce.cpu().numpy()
     model.train(was_training)
     return ids, ce
 
@@ -416,27 +475,30 @@ def evaluate(model: SleepHybrid, task: Task, batch: Any, passes: int | AutoPasse
 def save_run(
     out: Path,
     model: SleepHybrid,
-    task: Task,
+    task: Task | None,
     cfg: TrainConfig,
     *,
     step: int,
     scores: dict[str, float] | None,
     by_passes: dict[int, dict[str, float]] | None = None,
+    tokens: int | None = None,
 ) -> None:
     """The user-facing checkpoint: config.json (+ training facts under "agentsleep"), weights, tokenizer, config.
 
-    ``by_passes``: scores of the same weights at other N (sampled-N runs), written to eval.json as ``by_passes``."""
+    ``by_passes``: scores of the same weights at other N (sampled-N runs), written to eval.json as ``by_passes``.
+    ``task``: None for chat fine-tuning (the tokenizer and chat template are the source checkpoint's, copied)."""
     extra = {
-        "task": task.name,
-        "task_config": task.config.model_dump(mode="json"),
+        "task": task.name if task is not None else "chat",
+        "task_config": task.config.model_dump(mode="json") if task is not None else {"data": cfg.data},
         "train_config": cfg.model_dump(mode="json"),
         "seed": cfg.seed,
         "step": step,
-        "tokens": step * cfg.batch_size * task.seq_len,
+        "tokens": tokens if tokens is not None else step * cfg.batch_size * (task.seq_len if task else 0),
         "eval": scores or {},
     }
     model.save_pretrained(out, extra_config=extra)
-    task.save_tokenizer(out / "tokenizer.json")
+    if task is not None:
+        task.save_tokenizer(out / "tokenizer.json")
     (out / TRAIN_CONFIG_FILE).write_text(cfg.model_dump_json(indent=2) + "\n")
     if scores is not None:
         row: dict[str, Any] = {"step": step, "passes": cfg.passes, **scores}
@@ -445,36 +507,210 @@ def save_run(
         (out / EVAL_FILE).write_text(json.dumps(row, indent=2) + "\n")
 
 
-def save_resume(out: Path, model: SleepHybrid, opts: Optimizers, state: dict[str, Any]) -> None:
-    """Everything needed to continue bit-identically: weights, optimizer tensors, step/tokens/wall."""
+def save_resume(
+    out: Path,
+    model: SleepHybrid | dict[str, torch.Tensor],
+    opts: Optimizers,
+    state: dict[str, Any],
+    *,
+    write: bool = True,
+) -> None:
+    """Everything needed to continue bit-identically: weights, optimizer tensors, step/tokens/wall.
+
+    ``model``: the model, or its whole weights (gathered from FSDP2 shards). Under FSDP2 every rank calls this (the
+    optimizer state is gathered too); only ``write`` ranks write."""
     d = out / RESUME_DIR
-    d.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
-    opts.save(d)
-    (d / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    if write:
+        d.mkdir(parents=True, exist_ok=True)
+        sd = model if isinstance(model, dict) else model.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(d / "model.safetensors"))
+    opts.save(d, write=write)
+    if write:
+        (d / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
 
-def load_resume(out: Path, model: SleepHybrid, opts: Optimizers, cfg: TrainConfig) -> dict[str, Any] | None:
+# Settings a resumed run may change: they do not change what the next steps compute (up to float rounding of the
+# gradient all-reduce, for the process count and the sharding).
+RESUME_MAY_CHANGE = ("steps", "eval_every", "save_every", "final_eval_size", "eval_passes", "log_every", "device",
+                     "world_size", "fsdp")  # fmt: skip
+
+
+def check_resume(out: Path, cfg: TrainConfig) -> dict[str, Any] | None:
+    """The resumable state of ``out`` (None if there is none), after checking it was trained with ``cfg``."""
     d = out / RESUME_DIR
     if not (d / STATE_FILE).is_file():
         return None
     saved = json.loads((out / TRAIN_CONFIG_FILE).read_text()) if (out / TRAIN_CONFIG_FILE).is_file() else None
     if saved is not None:  # fields added since the run started take their defaults
         saved = TrainConfig.model_validate(saved).model_dump(mode="json")
-    mine = cfg.model_dump(mode="json")
-    if saved is not None:
-        diff = {
-            k
-            for k in mine
-            if k not in ("steps", "eval_every", "save_every", "final_eval_size", "eval_passes")
-            and saved.get(k) != mine[k]
-        }
+        mine = cfg.model_dump(mode="json")
+        diff = {k for k in mine if k not in RESUME_MAY_CHANGE and saved.get(k) != mine[k]}
         if diff:
             raise CheckpointError(f"{out} was trained with different settings ({sorted(diff)}); use another --out")
-    model.load_state_dict(load_file(str(d / "model.safetensors")))
-    model.refresh_fingerprint()
-    opts.load(d)
     return json.loads((d / STATE_FILE).read_text())
+
+
+def load_resume(out: Path, model: SleepHybrid, opts: Optimizers | None, cfg: TrainConfig) -> dict[str, Any] | None:
+    """`check_resume`, then the saved weights into ``model`` (and the optimizer state into ``opts``, if given)."""
+    state = check_resume(out, cfg)
+    if state is None:
+        return None
+    model.load_state_dict(load_file(str(out / RESUME_DIR / "model.safetensors")))
+    model.refresh_fingerprint()
+    if opts is not None:
+        opts.load(out / RESUME_DIR)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------- what learns
+
+
+def trainable_names(model: SleepHybrid, spec: str) -> list[str]:
+    """The parameters ``spec`` (`TrainConfig.trainable`) selects, in ``named_parameters`` order.
+
+    Raises:
+        ConfigError: a spec that selects nothing, or a glob pattern that matches no parameter (a typo).
+    """
+    names = [n for n, _ in model.named_parameters()]
+    if spec == "all":
+        return names
+    if spec == "memory":
+        heads = tuple(
+            f"layers.{i}.{part}."
+            for i, blk in enumerate(model.layers)
+            if blk.kind in MEMORY_KINDS
+            for part in ("linear_attn", "input_layernorm")
+        )
+        chosen = [n for n in names if n.startswith(heads)]
+        if not chosen:
+            raise ConfigError(f"trainable='memory', but the model has no memory layer (layout {model.config.layout!r})")
+        return chosen
+    patterns = [p.strip() for p in spec.split(",") if p.strip()]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if not patterns or unmatched:
+        raise ConfigError(
+            f"trainable={spec!r}: {unmatched or 'no pattern'} matches no parameter; use 'all', 'memory' or glob "
+            f"patterns over names such as {names[:3]}"
+        )
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def apply_trainable(model: SleepHybrid, spec: str) -> int:
+    """Freeze every parameter ``spec`` does not select; returns the number of trainable weights."""
+    keep = set(trainable_names(model, spec))
+    count = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in keep)
+        count += p.numel() if name in keep else 0
+    return count
+
+
+# ---------------------------------------------------------------------------------------------------- data sources
+
+
+class TaskData:
+    """Training data from a built-in generator (`agentsleep.tasks`): scored with the task's own metric."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.task = make_task(cfg)
+        self.stage_tasks = [make_task(cfg, ov) for _, ov in cfg.curriculum]
+        self.name = cfg.task
+
+    def build(self) -> SleepHybrid:
+        return build_model(self.cfg, self.task)
+
+    def train_batch(self, step: int) -> Any:
+        i = stage_at(self.cfg, step)
+        src = self.task if i is None else self.stage_tasks[i]
+        return src.generate("train", self.cfg.batch_size, step_seed(self.cfg.effective_data_seed, step))
+
+    def eval_batch(self, n: int) -> Any:
+        return self.task.generate("test", n, self.cfg.eval_seed)
+
+    def loss(self, model: SleepHybrid, batch: Any, passes: int | Sequence[int]) -> tuple[torch.Tensor, int]:
+        return batch_loss(model, batch, passes, self.cfg)
+
+    def evaluate(self, model: SleepHybrid, batch: Any, passes: int | AutoPasses) -> dict[str, float]:
+        return evaluate(model, self.task, batch, passes)
+
+    def n_targets(self, batch: Any) -> int:
+        return int(batch.loss_mask.sum())
+
+    def n_tokens(self, batch: Any) -> int:
+        return int(batch.lengths.sum())
+
+    def n_windows(self, batch: Any, window: int) -> int:
+        return -(-int(batch.tokens.shape[1]) // window)
+
+    def save(self, out: Path, model: SleepHybrid, **kw: Any) -> None:
+        save_run(out, model, self.task, self.cfg, **kw)
+
+
+class ChatData:
+    """Conversations in a JSONL file rendered with the ``init_from`` checkpoint's chat template
+    (`agentsleep.train.chat_data`); scored by assistant-token loss and accuracy on ``eval_data``."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        assert cfg.data is not None and cfg.init_from is not None  # TrainConfig checks both
+        self.cfg = cfg
+        self.name = "chat"
+        self.rows = chat_data.load_conversations(cfg.data, cfg.init_from)
+        self.eval_rows = chat_data.load_conversations(cfg.eval_data, cfg.init_from) if cfg.eval_data else []
+        log.info("%d training conversations (%d tokens), %d held out", len(self.rows),
+                 sum(len(c) for c in self.rows), len(self.eval_rows))  # fmt: skip
+
+    def build(self) -> SleepHybrid:
+        """The pretrained model (float32 master weights) with the run's overrides (window, loop, insert_memory …)."""
+        model = SleepHybrid.from_pretrained(
+            self.cfg.init_from,  # type: ignore[arg-type]
+            dtype=torch.float32,
+            **{**self.cfg.model, "passes": self.cfg.passes},
+        )
+        vocab = model.config.vocab_size
+        for c in self.rows + self.eval_rows:
+            if len(c) and int(c.tokens.max()) >= vocab:
+                raise InvalidInput(f"line {c.line}: token id {int(c.tokens.max())} is outside the vocabulary ({vocab})")
+        return model.train()
+
+    def train_batch(self, step: int) -> chat_data.ChatBatch:
+        idx = chat_data.rows_for_step(len(self.rows), self.cfg.batch_size, self.cfg.effective_data_seed, step)
+        return chat_data.ChatBatch(tuple(self.rows[i] for i in idx))
+
+    def eval_batch(self, n: int) -> chat_data.ChatBatch | None:
+        return chat_data.ChatBatch(tuple(self.eval_rows[:n])) if self.eval_rows else None
+
+    def loss(
+        self, model: SleepHybrid, batch: chat_data.ChatBatch, passes: int | Sequence[int]
+    ) -> tuple[torch.Tensor, int]:
+        return chat_data.batch_loss(
+            model,
+            batch,
+            passes,
+            use_checkpoint=self.cfg.activation_checkpointing,
+            detach_every=self.cfg.detach_every,
+        )
+
+    def evaluate(self, model: SleepHybrid, batch: chat_data.ChatBatch, passes: int | AutoPasses) -> dict[str, float]:
+        if isinstance(passes, AutoPasses):
+            raise InvalidInput("adaptive sleep (-N auto) is not implemented for chat data; give a number of passes")
+        return chat_data.evaluate(model, batch, passes)
+
+    def n_targets(self, batch: chat_data.ChatBatch) -> int:
+        return batch.n_targets
+
+    def n_tokens(self, batch: chat_data.ChatBatch) -> int:
+        return batch.n_tokens
+
+    def n_windows(self, batch: chat_data.ChatBatch, window: int) -> int:
+        return batch.max_windows(window)
+
+    def save(self, out: Path, model: SleepHybrid, **kw: Any) -> None:
+        save_run(out, model, None, self.cfg, **kw)
+
+
+def make_data(cfg: TrainConfig) -> TaskData | ChatData:
+    return ChatData(cfg) if cfg.data is not None else TaskData(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -491,14 +727,54 @@ def train(
     """Train one model; write the checkpoint directory; return ``{"step", "tokens", "wall", "eval", "history"}``.
 
     Re-running with the same config into the same directory resumes from the latest resumable step and continues
-    bit-identically (same batches, same optimizer state; CPU float32 with a fixed thread count).
+    bit-identically (same batches, same optimizer state; CPU float32 with a fixed thread count). Under ``torchrun``
+    every process calls this; rank 0 alone writes (`agentsleep.train.distributed`).
     """
     torch.set_flush_denormal(True)  # the decaying fast-weight state fills with denormals otherwise (~6x slower)
     torch.set_num_threads(cfg.threads)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    task = make_task(cfg)
-    model = build_model(cfg, task)
+    env = distributed.setup(cfg.device)
+    try:
+        return _train(cfg.model_copy(update={"world_size": env.world}), Path(out_dir), env, resume, progress, on_eval)
+    finally:
+        distributed.teardown(env)
+
+
+def _train(
+    cfg: TrainConfig,
+    out: Path,
+    env: distributed.Distributed,
+    resume: bool,
+    progress: bool,
+    on_eval: Callable[[int, dict[str, float]], None] | None,
+) -> dict[str, Any]:
+    main = env.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    env.barrier()
+    data = make_data(cfg)
+    model = data.build()
+    start, tokens, wall = cfg.start_step, 0, 0.0
+    history: list[dict[str, Any]] = []
+    state = load_resume(out, model, None, cfg) if resume else None  # weights now, optimizer state once it exists
+    if state is not None:
+        start, tokens, wall = state["step"], state["tokens"], state["wall"]
+        history = [r for r in _read_log(out) if r["step"] <= start]
+        log.info("resuming %s at step %d", out, start)
+    elif cfg.init_from and cfg.start_step:  # the source's cost counts: equal tokens means equal tokens
+        src = _read_state(Path(cfg.init_from))
+        if src is not None:
+            if src["step"] != cfg.start_step:
+                raise CheckpointError(f"{cfg.init_from} stopped at step {src['step']}, not start_step={cfg.start_step}")
+            tokens, wall = src["tokens"], src["wall"]
+            history = [r for r in _read_log(Path(cfg.init_from)) if r["step"] <= cfg.start_step]
+    n_train = apply_trainable(model, cfg.trainable)
+    if cfg.trainable != "all":
+        log.info("training %s: %d of %d weights", cfg.trainable, n_train, sum(p.numel() for p in model.parameters()))
+    model.to(env.device)
+    if cfg.compile:
+        compile_blocks(model)
+    sharded = cfg.fsdp and env.world > 1
+    root = distributed.wrap(model, env, fsdp=sharded, find_unused="e" in model.config.mlp_kinds)
     opts = Optimizers(
         model,
         name=cfg.optimizer,
@@ -508,68 +784,79 @@ def train(
         weight_decay=cfg.weight_decay,
         muon_scale=cfg.muon_scale,
     )
-    start, tokens, wall = cfg.start_step, 0, 0.0
-    history: list[dict[str, Any]] = []
-    state = load_resume(out, model, opts, cfg) if resume else None
     if state is not None:
-        start, tokens, wall = state["step"], state["tokens"], state["wall"]
-        history = [r for r in _read_log(out) if r["step"] <= start]
-        log.info("resuming %s at step %d", out, start)
-    elif cfg.init_from:
-        src = _read_state(Path(cfg.init_from))
-        if cfg.start_step and src is not None:  # the source's cost counts: equal tokens means equal tokens
-            if src["step"] != cfg.start_step:
-                raise CheckpointError(f"{cfg.init_from} stopped at step {src['step']}, not start_step={cfg.start_step}")
-            tokens, wall = src["tokens"], src["wall"]
-            history = [r for r in _read_log(Path(cfg.init_from)) if r["step"] <= cfg.start_step]
-        if cfg.init_optimizer and (Path(cfg.init_from) / RESUME_DIR / "optimizer.json").is_file():
-            opts.load(Path(cfg.init_from) / RESUME_DIR)
-    (out / TRAIN_CONFIG_FILE).write_text(cfg.model_dump_json(indent=2) + "\n")
-    _write_log(out, history)
-    if cfg.compile:
-        compile_blocks(model)
-    eval_batch = task.generate("test", cfg.eval_size, cfg.eval_seed)
+        opts.load(out / RESUME_DIR)
+    elif cfg.init_from and cfg.init_optimizer and (Path(cfg.init_from) / RESUME_DIR / "optimizer.json").is_file():
+        opts.load(Path(cfg.init_from) / RESUME_DIR)
+    env.barrier()  # every rank has read the resumable state before rank 0 rewrites the run's files
+    if main:
+        (out / TRAIN_CONFIG_FILE).write_text(cfg.model_dump_json(indent=2) + "\n")
+        _write_log(out, history)
+    amp = (
+        (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16))
+        if cfg.precision == "bfloat16"
+        else contextlib.nullcontext
+    )
+    eval_batch = data.eval_batch(cfg.eval_size)
     model.train()
 
-    def run_eval(step: int) -> dict[str, float]:
-        scores = evaluate(model, task, eval_batch, cfg.passes)
-        if on_eval is not None:
+    def run_eval(step: int, batch: Any, passes: int | AutoPasses) -> dict[str, float]:
+        with torch.no_grad(), amp():
+            scores = root(data.evaluate, batch, passes)  # every rank runs it (FSDP2 needs them all); rank 0 keeps it
+        if on_eval is not None and main:
             on_eval(step, scores)
         return scores
 
-    if state is None and cfg.eval_every:  # fresh or warm-started: score the starting point at this run's N
-        history.append({"step": start, "tokens": tokens, "wall": round(wall, 3), "eval": run_eval(start)})
-        _append_log(out, history[-1])
+    def save_resumable(step: int) -> None:
+        weights = _export_weights(model, env, sharded)
+        save_resume(out, weights, opts, {"step": step, "tokens": tokens, "wall": wall}, write=main)
+        env.barrier()
+
+    if state is None and cfg.eval_every and eval_batch is not None:  # fresh or warm-started: score the start
+        scores = run_eval(start, eval_batch, cfg.passes)
+        history.append({"step": start, "tokens": tokens, "wall": round(wall, 3), "eval": scores})
+        if main:
+            _append_log(out, history[-1])
     bar = tqdm(
         range(start, cfg.steps),
         initial=start,
         total=cfg.steps,
-        disable=not progress,
-        desc=f"{cfg.task} N={passes_label(cfg)}",
+        disable=not (progress and main),
+        desc=f"{data.name} N={passes_label(cfg)}" + (f" x{env.world}" if env.world > 1 else ""),
         dynamic_ncols=True,
     )
+    log_every = cfg.log_every or cfg.eval_every
     losses: list[float] = []
-    stage_tasks = [make_task(cfg, ov) for _, ov in cfg.curriculum]
+    L = model.config.window
     for step in bar:
-        i = stage_at(cfg, step)
-        data_task = task if i is None else stage_tasks[i]
-        batch = data_task.generate("train", cfg.batch_size, step_seed(cfg.effective_data_seed, step))
+        batch = data.train_batch(step)
         t0 = time.perf_counter()
         opts.set_lr_factor(lr_factor(step, warmup=cfg.warmup, total=cfg.steps, schedule=cfg.schedule))
-        n_windows = -(-int(batch.tokens.shape[1]) // model.config.window)
+        n_windows = data.n_windows(batch, L)
         passes: int | list[int] = (
             draw_passes(cfg, cfg.effective_data_seed, step, n_windows) if cfg.sampled_passes else cfg.passes
         )
-        loss, _ = batch_loss(model, batch, passes, cfg)
+        if env.world == 1:
+            with amp():
+                loss, _ = root(data.loss, batch, passes)
+            scaled, value = loss, loss.item()
+        else:  # this rank's rows; the scaled loss makes the averaged gradient the whole batch's (distributed.scale)
+            n_global = data.n_targets(batch)
+            with amp():
+                loss, n_local = root(data.loss, batch.select(distributed.shard_rows(len(batch), env.rank, env.world)),
+                                     passes)  # fmt: skip
+            scaled = distributed.scale(loss, n_local, n_global, env.world)
+            value = env.sum(loss.item() * n_local) / max(n_global, 1)
         opts.zero_grad()
-        loss.backward()
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)) if cfg.clip else math.nan
+        scaled.backward()
+        gnorm = distributed.clip_grad_norm([p for p in model.parameters() if p.requires_grad], cfg.clip)
         opts.step()
         wall += time.perf_counter() - t0
-        tokens += int(batch.lengths.sum())
-        losses.append(loss.item())
+        tokens += data.n_tokens(batch)
+        losses.append(value)
         done = step + 1
-        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+        do_eval = bool(cfg.eval_every and done % cfg.eval_every == 0 and eval_batch is not None)
+        if (log_every and done % log_every == 0) or done == cfg.steps or do_eval:
             row: dict[str, Any] = {
                 "step": done,
                 "tokens": tokens,
@@ -578,25 +865,52 @@ def train(
                 "grad_norm": gnorm,
             }
             losses = []
-            if cfg.eval_every and done % cfg.eval_every == 0:
-                row["eval"] = run_eval(done)
+            if do_eval:
+                row["eval"] = run_eval(done, eval_batch, cfg.passes)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", **_headline(row["eval"]))
             history.append(row)
-            _append_log(out, row)
+            if main:
+                _append_log(out, row)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-            model.refresh_fingerprint()
-            save_resume(out, model, opts, {"step": done, "tokens": tokens, "wall": wall})
+            save_resumable(done)
     bar.close()
-    model.refresh_fingerprint()
-    final_batch = task.generate("test", cfg.final_eval_size, cfg.eval_seed)
-    final = evaluate(model, task, final_batch, cfg.passes)
-    by_passes = {n: evaluate(model, task, final_batch, n) for n in cfg.eval_passes if n != cfg.passes}
-    if by_passes:
-        by_passes[cfg.passes] = final
-    save_run(out, model, task, cfg, step=cfg.steps, scores=final, by_passes=by_passes)
-    save_resume(out, model, opts, {"step": cfg.steps, "tokens": tokens, "wall": wall})
-    log.info("trained %s N=%s: %s", cfg.task, passes_label(cfg), _headline(final))
+    final_batch = data.eval_batch(cfg.final_eval_size)
+    final: dict[str, float] = {}
+    by_passes: dict[int, dict[str, float]] = {}
+    if final_batch is not None:
+        final = run_eval(cfg.steps, final_batch, cfg.passes)
+        by_passes = {n: run_eval(cfg.steps, final_batch, n) for n in cfg.eval_passes if n != cfg.passes}
+        if by_passes:
+            by_passes[cfg.passes] = final
+    weights = _export_weights(model, env, sharded)
+    if main:
+        export = _export_model(model, weights, sharded)
+        data.save(out, export, step=cfg.steps, scores=final if final_batch is not None else None,
+                  by_passes=by_passes, tokens=tokens)  # fmt: skip
+    save_resume(out, weights, opts, {"step": cfg.steps, "tokens": tokens, "wall": wall}, write=main)
+    env.barrier()
+    log.info("trained %s N=%s: %s", data.name, passes_label(cfg), _headline(final))
     return {"step": cfg.steps, "tokens": tokens, "wall": wall, "eval": final, "history": history}
+
+
+def _export_weights(model: SleepHybrid, env: distributed.Distributed, sharded: bool) -> Any:
+    """What a checkpoint is written from: the model itself, or (FSDP2) its weights gathered on rank 0."""
+    return distributed.full_state_dict(model, env) if sharded else model
+
+
+def _export_model(model: SleepHybrid, weights: Any, sharded: bool) -> SleepHybrid:
+    """The model to save: the trained one, or (FSDP2) a CPU copy built from the gathered weights."""
+    if not sharded:
+        model.refresh_fingerprint()
+        return model
+    with torch.device("meta"):
+        copy = SleepHybrid(model.config)
+    copy.load_state_dict(weights, assign=True)
+    if model.config.tie_embeddings:
+        copy.lm_head.weight = copy.embed_tokens.weight
+    copy.source_dir = model.source_dir
+    copy.refresh_fingerprint()
+    return copy
 
 
 def _read_state(run: Path) -> dict[str, Any] | None:

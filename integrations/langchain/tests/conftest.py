@@ -19,3 +19,12 @@ from lc_helpers import build_checkpoint  # noqa: E402  (this directory is on sys
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny chat checkpoint: L=96, N=2, role-token chat template stored in config.json."""
     return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "chat")
+
+
+@pytest.fixture(autouse=True)
+def _private_default_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test's default snapshot store (`AGENTSLEEP_STORE_URL`, which `SleepMemory()` and the CLI fall back to) is
+    its own file: the built-in default, ./agentsleep.db, would carry agents from one test (and one run) into the next.
+    Tests of the default itself delete the variable."""
+    db = tmp_path_factory.mktemp("default-store") / "agentsleep.db"
+    monkeypatch.setenv("AGENTSLEEP_STORE_URL", f"sqlite:///{db}")
