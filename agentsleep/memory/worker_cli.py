@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 import click
 
@@ -33,6 +34,7 @@ from agentsleep.memory.worker import (
     JobReport,
     SleepWorker,
 )
+from agentsleep.model.adaptive import AutoPasses
 from agentsleep.runtime.torch_engine import TorchEngine
 from agentsleep.store.cli import blob_dir_option, url_option
 from agentsleep.store.engine import normalise_url, one_line
@@ -70,6 +72,24 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(s, h)
 
 
+class SleepDepth(click.ParamType):
+    """A sleep depth on the command line: a whole number N ≥ 1, or ``auto``."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        try:
+            n = int(text)
+        except ValueError:
+            self.fail(f"{value!r} is neither a whole number of passes nor 'auto'", param, ctx)
+        if n < 1:
+            self.fail(f"{n} passes: a sleep runs at least 1", param, ctx)
+        return n
+
+
 @click.command("sleep-worker", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--checkpoint",
@@ -80,7 +100,24 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 @url_option("Postgres store URL (env AGENTSLEEP_STORE_URL): its database holds the job queue shared by all workers.")
 @blob_dir_option
 @click.option(
-    "--passes", type=click.IntRange(min=1), default=None, help="Sleep passes N for jobs that name none [checkpoint's]."
+    "--passes",
+    type=SleepDepth(),
+    default=None,
+    help="Sleep passes N for jobs that name none, or 'auto': until S converges [checkpoint's].",
+)
+@click.option(
+    "--max-passes",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="With --passes auto: the most passes a sleep runs.",
+)
+@click.option(
+    "--tol",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.05,
+    show_default=True,
+    help="With --passes auto: stop once S changes by less than this (relative) between passes.",
 )
 @click.option("--once", is_flag=True, help="Run at most one waiting job, then exit.")
 @click.option("--max-jobs", type=click.IntRange(min=1), default=None, help="Exit after this many job attempts.")
@@ -122,7 +159,9 @@ def sleep_worker(
     checkpoint: str,
     url: str,
     blob_dir: str | None,
-    passes: int | None,
+    passes: int | str | None,
+    max_passes: int,
+    tol: float,
     once: bool,
     max_jobs: int | None,
     drain: bool,
@@ -146,9 +185,10 @@ def sleep_worker(
                 f"sleep workers need a Postgres store (procrastinate is a Postgres task queue), not {url!r}; with "
                 "SQLite, AgentHost sleeps its agents in process: no workers needed"
             )
+        depth = AutoPasses(max_passes, tol) if passes == "auto" else passes
         with SnapshotStore(url, blob_dir=blob_dir, create=False) as store:
             try:
-                engine = TorchEngine.from_pretrained(checkpoint, passes=passes, device=device)
+                engine = TorchEngine.from_pretrained(checkpoint, passes=depth, device=device)
             except (RuntimeError, ValueError) as e:  # torch: an unknown device; our typed errors pass through
                 if isinstance(e, AgentSleepError):
                     raise
@@ -157,7 +197,7 @@ def sleep_worker(
                 engine,
                 store,
                 worker_id=worker_id,
-                passes=passes,
+                passes=depth,
                 heartbeat_s=heartbeat_s,
                 stalled_after_s=stalled_after_s,
                 max_attempts=max_attempts,

@@ -500,3 +500,21 @@ def test_cli_help_and_errors(tmp_path: Path, checkpoint: Path, monkeypatch: pyte
     assert missing.exit_code == 2 and "--checkpoint" in missing.output
     zero = CliRunner().invoke(main, ["sleep-worker", "--checkpoint", str(checkpoint), "--passes", "0"])
     assert zero.exit_code == 2
+
+
+@pytest.mark.postgres
+def test_cli_passes_auto(postgres_schema_url: str, checkpoint: Path, model: SleepHybrid) -> None:
+    """`--passes auto` gives jobs that name no depth an adaptive sleep capped by `--max-passes`; the depth it ran is
+    recorded. A depth that is neither a number nor 'auto' is a usage error."""
+    with SnapshotStore(postgres_schema_url) as s:
+        seed_agent(s, model, "a", turn_tokens(1, 7))
+        s.enqueue_sleep("a")
+    args = ["sleep-worker", "--checkpoint", str(checkpoint), "--url", postgres_schema_url, "--once"]
+    res = CliRunner().invoke(main, [*args, "--passes", "auto", "--max-passes", "3", "--tol", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert "auto(max 3" in res.stderr  # the worker's banner names the engine's depth
+    with SnapshotStore(postgres_schema_url) as s:
+        (rec,) = sleeps(s, "a")
+        assert 1 <= rec.passes <= 3
+    bad = CliRunner().invoke(main, [*args, "--passes", "two"])
+    assert bad.exit_code == 2 and "neither a whole number of passes nor 'auto'" in bad.output
