@@ -15,9 +15,7 @@ Writes ``<name>.md``, ``<name>.json`` and ``<name>.png`` into ``evals/results/``
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shlex
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from evals.anyn import RESULTS, SCORES, cached_score, describe, mean_std
+from evals.report import command_line, write_report
 
 log = logging.getLogger("evals.adaptive")
 
@@ -159,14 +158,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.fixed_passes = [*args.fixed_passes, args.max_passes]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     data = run(args)
-    command = "python -m evals.adaptive " + " ".join(shlex.quote(a) for a in argv)
+    command = command_line("evals.adaptive", argv)
     data["command"] = command
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.results_dir / args.name
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(args, data, command))
-    plot(args, data, stem.with_suffix(".png"))
-    log.info("wrote %s.{md,json,png}", stem)
+    write_report(args.results_dir, args.name, data, markdown(args, data, command), lambda png: plot(args, data, png))
     return data
 
 

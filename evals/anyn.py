@@ -23,7 +23,6 @@ import itertools
 import json
 import logging
 import math
-import shlex
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from agentsleep.train.eval_cli import read_config, score_checkpoint
+from evals.report import command_line, write_report
 
 log = logging.getLogger("evals.anyn")
 
@@ -309,14 +309,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "passes": args.passes,
         "size": args.size,
     }
-    command = "python -m evals.anyn " + " ".join(shlex.quote(a) for a in argv)
+    command = command_line("evals.anyn", argv)
     data["command"] = command
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.results_dir / args.name
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(args, data, command))
-    plot(args, data, stem.with_suffix(".png"))
-    log.info("wrote %s.{md,json,png}", stem)
+    write_report(args.results_dir, args.name, data, markdown(args, data, command), lambda png: plot(args, data, png))
     return data
 
 

@@ -15,12 +15,10 @@ this script's own. Runs live in ``runs/evals/<name>_<kind>/`` (git-ignored); fin
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import platform
-import shlex
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from evals import model as harness
+from evals.report import command_line, write_report
 
 log = logging.getLogger("evals.jet")
 
@@ -162,14 +161,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"{len(missing)} runs are not finished, e.g. {missing[0]}; run without --report-only")
     per_kind = {k: harness.collect(rs, "exact") for k, rs in runs.items()}
     shown = [a for a in argv if a != "--report-only"]
-    command = "python -m evals.jet " + " ".join(shlex.quote(a) for a in shown)
+    command = command_line("evals.jet", shown)
     results = next(iter(per_args.values())).results_dir  # --results-dir after "--" (default evals/results)
-    results.mkdir(parents=True, exist_ok=True)
-    stem = results / args.name
-    stem.with_suffix(".json").write_text(json.dumps({"command": command, "kinds": per_kind}, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(report(args, per_kind, command, next(iter(per_args.values()))))
-    plot(args, per_kind, stem.with_suffix(".png"))
-    log.info("wrote %s.{md,json,png}", stem)
+    md = report(args, per_kind, command, next(iter(per_args.values())))
+    write_report(results, args.name, {"command": command, "kinds": per_kind}, md, lambda png: plot(args, per_kind, png))
     return per_kind
 
 

@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ import numpy as np
 
 from agentsleep.train.cli import parse_curriculum, parse_overrides
 from agentsleep.train.trainer import TrainConfig, load_log, make_task, passes_label
+from evals.report import command_line, write_report
 
 log = logging.getLogger("evals.model")
 
@@ -524,14 +524,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"{len(missing)} runs are not finished, e.g. {missing[0]}; run without --report-only")
     data = collect(runs, args.metric)
     shown = [a for a in argv if a != "--report-only"]
-    command = "python -m evals.model " + " ".join(shlex.quote(a) for a in shown)
+    command = command_line("evals.model", shown)
     data["command"] = command
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.results_dir / args.name
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(args, data, command))
-    plot(args, data, stem.with_suffix(".png"))
-    log.info("wrote %s.{md,json,png}", stem)
+    write_report(args.results_dir, args.name, data, markdown(args, data, command), lambda png: plot(args, data, png))
     return data
 
 
