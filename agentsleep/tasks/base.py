@@ -332,6 +332,31 @@ def target_predictions(predictions: Any, batch: Batch) -> np.ndarray:
     return pred.astype(np.int64)
 
 
+def answer_words(predictions: Any, batch: Batch, vocab: Sequence[str]) -> list[list[str]]:
+    """Each row's words as greedy decoding gives them: the argmax tokens at its answer positions up to the first
+    predicted ``EOS`` (a missing ``EOS`` keeps the next word, so the answer is wrong, as a reply would be)."""
+    pred = target_predictions(predictions, batch)
+    out = []
+    for i in range(len(batch)):
+        words = []
+        for tok in pred[i, batch.loss_mask[i]].tolist():
+            w = vocab[tok] if 0 <= tok < len(vocab) else UNK
+            if w == EOS:
+                break
+            words.append(w)
+        out.append(words)
+    return out
+
+
+def exact_by(correct: np.ndarray, batch: Batch, key: str = "k") -> dict[str, float]:
+    """``exact`` (the mean of ``correct``, one bool per row) and ``exact_k{v}`` for each value v of ``meta[key]``."""
+    groups = np.array([m[key] for m in batch.meta])
+    out = {"exact": float(correct.mean())}
+    for v in np.unique(groups).tolist():
+        out[f"exact_k{v}"] = float(correct[groups == v].mean())
+    return out
+
+
 def target_aligned(next_token: Any, seq_len: int | None = None) -> np.ndarray:
     """Next-token outputs (index i predicts token i + 1; ids ``[n, T']`` or logits ``[n, T', V]``) -> target-aligned
     ids ``[n, T]``. Index 0 (never a target) gets -1; ``seq_len`` defaults to T' + 1 (the last input position,

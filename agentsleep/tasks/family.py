@@ -47,11 +47,12 @@ from agentsleep.tasks.base import (
     Batch,
     Split,
     TaskConfig,
+    answer_words,
     check_split,
+    exact_by,
     example_rng,
     right_padded,
     seed_sequence,
-    target_predictions,
 )
 from agentsleep.tasks.english import CHATTER, derived_seed, encode_strict, lay_out, words_of
 
@@ -366,18 +367,7 @@ def score_answer(answer: str | None, relation: str) -> float:
 def predicted_answers(predictions: Any, batch: Batch, config: FamilyConfig) -> list[str]:
     """Each row's answer as greedy decoding would give it: the argmax words at the answer positions, up to the first
     predicted ``<eos>`` (a missing ``<eos>`` keeps the next word, so the answer is wrong, as a reply would be)."""
-    pred = target_predictions(predictions, batch)
-    vocab = config.vocab()
-    out = []
-    for i in range(len(batch)):
-        words = []
-        for tok in pred[i, batch.loss_mask[i]].tolist():
-            w = vocab[tok] if 0 <= tok < len(vocab) else UNK
-            if w == EOS:
-                break
-            words.append(w)
-        out.append(" ".join(words))
-    return out
+    return [" ".join(words) for words in answer_words(predictions, batch, config.vocab())]
 
 
 def score(predictions: Any, batch: Batch, config: FamilyConfig | None = None) -> dict[str, float]:
@@ -387,11 +377,7 @@ def score(predictions: Any, batch: Batch, config: FamilyConfig | None = None) ->
     cfg = config or FamilyConfig()
     answers = predicted_answers(predictions, batch, cfg)
     correct = np.array([score_answer(a, m["answer"]) == 1.0 for a, m in zip(answers, batch.meta)])
-    hops = np.array([m["k"] for m in batch.meta])
-    out = {"exact": float(correct.mean())}
-    for h in np.unique(hops).tolist():
-        out[f"exact_k{h}"] = float(correct[hops == h].mean())
-    return out
+    return exact_by(correct, batch)
 
 
 __all__ = [

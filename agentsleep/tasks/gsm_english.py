@@ -37,11 +37,12 @@ from agentsleep.tasks.base import (
     Batch,
     Split,
     TaskConfig,
+    answer_words,
     check_split,
+    exact_by,
     example_rng,
     right_padded,
     seed_sequence,
-    target_predictions,
 )
 from agentsleep.tasks.english import (
     CHATTER,
@@ -274,18 +275,7 @@ def score_answer(answer: str | None, expected: str) -> float:
 def predicted_answers(predictions: Any, batch: Batch, config: GSMEnglishConfig) -> list[str]:
     """Each row's answer as greedy decoding gives it: argmax tokens at the answer positions up to ``<eos>``,
     detokenized (``1 ##2 ##5`` -> ``125``). Without a predicted ``<eos>`` the next token stays in the answer."""
-    pred = target_predictions(predictions, batch)
-    vocab = config.vocab()
-    out = []
-    for i in range(len(batch)):
-        words = []
-        for tok in pred[i, batch.loss_mask[i]].tolist():
-            w = vocab[tok] if 0 <= tok < len(vocab) else UNK
-            if w == EOS:
-                break
-            words.append(w)
-        out.append(detokenize(words))
-    return out
+    return [detokenize(words) for words in answer_words(predictions, batch, config.vocab())]
 
 
 def score(predictions: Any, batch: Batch, config: GSMEnglishConfig | None = None) -> dict[str, float]:
@@ -295,11 +285,7 @@ def score(predictions: Any, batch: Batch, config: GSMEnglishConfig | None = None
     cfg = config or GSMEnglishConfig()
     answers = predicted_answers(predictions, batch, cfg)
     correct = np.array([score_answer(a, m["answer"]) == 1.0 for a, m in zip(answers, batch.meta)])
-    ks = np.array([m["k"] for m in batch.meta])
-    out = {"exact": float(correct.mean())}
-    for k in np.unique(ks).tolist():
-        out[f"exact_k{k}"] = float(correct[ks == k].mean())
-    return out
+    return exact_by(correct, batch)
 
 
 __all__ = ["DATASET", "PRESETS", "GSMEnglishConfig", "generate", "predicted_answers", "score", "score_answer"]
