@@ -70,6 +70,7 @@ FIELD_SUPPORT: dict[str, str] = {
     "moe_intermediate_size": "model",
     "moe_shared_intermediate_size": "model",
     "moe_norm_topk": "model",
+    "jet_generator_reduction": "model",  # Jet layers only ('j' in layout), which `serving_problems` refuses
     "max_attention_span": "no-effect",
     "check_serving": "no-effect",
 }

@@ -46,7 +46,7 @@ from agentsleep.errors import (
     UnsupportedBackend,
 )
 from agentsleep.ids import DEFAULT_TENANT, TENANT_SEP, agent_key, check_agent_id, check_id, check_tenant
-from agentsleep.model.adaptive import Passes, check_passes, passes_to_json
+from agentsleep.model.depth import Passes, check_passes, passes_to_json
 from agentsleep.model.fingerprint import accepts, mismatch
 from agentsleep.model.state import FastWeights
 from agentsleep.store import jobs

@@ -69,6 +69,17 @@ def test_every_hybrid_config_field_is_classified_for_serving() -> None:
     assert set(FIELD_SUPPORT.values()) <= {"model", "pytorch", "no-effect"}
 
 
+def test_a_jet_layer_is_refused_by_name() -> None:
+    """The plugin has no Jet layer ('j', with `jet_generator_reduction`): serving such a checkpoint is refused at
+    start-up with a sentence naming it, never served as if it were a GDN layer."""
+    from agentsleep.model.hybrid import HybridConfig
+    from agentsleep.serving.config import serving_problems
+
+    cfg = HybridConfig(vocab_size=300, d_model=128, layout="aj", attn_heads=2, gdn_head_dim=64, bos_token_id=1)
+    assert any("Jet" in p for p in serving_problems(cfg, cpu=True))
+    assert not any("Jet" in p for p in serving_problems(cfg.model_copy(update={"layout": "ag"}), cpu=True))
+
+
 def test_the_vllm_config_carries_every_field_of_the_checkpoint(tmp_path: Path) -> None:
     """Fields SleepHybridHFConfig does not declare (e.g. from a newer HybridConfig) still reach `hybrid_config`."""
     from agentsleep.model.hybrid import HybridConfig

@@ -11,7 +11,13 @@ import agentsleep.store
 from .helpers import loaded_higher_layers
 
 STORE_DIR = Path(agentsleep.store.__file__).parent
-ALLOWED = {"agentsleep.errors", "agentsleep.ids", "agentsleep.model.fingerprint", "agentsleep.model.state"}
+ALLOWED = {
+    "agentsleep.errors",
+    "agentsleep.ids",
+    "agentsleep.model.depth",  # a job's sleep depth, plain data (no torch)
+    "agentsleep.model.fingerprint",
+    "agentsleep.model.state",
+}
 
 
 def test_public_api_is_pinned() -> None:
