@@ -109,19 +109,11 @@ def sleep_adaptive(
     check_auto(max_passes, tol, criterion)
     if tokens.dim() != 2:
         raise InvalidInput(f"tokens must be [B, T], got {tuple(tokens.shape)}")
-    B, T = tokens.shape
+    T = tokens.shape[1]
     if T > model.config.window:
         raise WindowOverflow(f"{T} tokens do not fit a window of L={model.config.window}; split them or sleep")
     # The window set-up of SleepHybrid._run_window, then pass 1; passes 2.. run in `_continue`.
-    ids, valid, _ = model._window_slots(tokens, state)
-    n = ids.shape[1]
-    prefix = list(state.kv)
-    P = prefix[0][0].shape[2] if prefix else 0
-    prefix_valid = state.kv_valid.bool() if state.kv_valid is not None else valid.new_zeros(B, 0)
-    key_valid = torch.cat([prefix_valid, valid], 1)
-    positions = torch.arange(n, device=ids.device).expand(B, n)
-    any_pad = model.config.pad_token_id is not None and not bool(valid.all())
-    ctx = PassContext(positions=positions, mask=model._mask(n, P, key_valid), valid=valid if any_pad else None)
+    ids, valid, _, prefix, key_valid, ctx = model._window_context(tokens, state)
     h, ssm, kvs = model._pass(model.embed_tokens(ids), ctx, list(state.ssm), prefix)
     return _continue(model, h, ssm, kvs, ctx, prefix, valid, key_valid, state.fingerprint, max_passes, tol, criterion)
 
@@ -137,14 +129,8 @@ def sleep_window_adaptive(
     ssm = [st.ssm for st in cache.layers if st.ssm is not None]
     kvs = [st.kv for st in cache.layers if st.kv is not None]
     n, P = cache.ids.shape[1], cache.prefix_len
-    B = cache.ids.shape[0]
     valid = cache.key_valid[:, P:]
-    any_pad = model.config.pad_token_id is not None and not bool(valid.all())
-    ctx = PassContext(
-        positions=torch.arange(n, device=model.device).expand(B, n),
-        mask=model._mask(n, P, cache.key_valid),
-        valid=valid if any_pad else None,
-    )
+    ctx = model._pass_context(n, P, cache.key_valid)
     if n == 0:  # an empty window: nothing to sleep on
         max_passes = 1
     return _continue(

@@ -444,6 +444,26 @@ class SleepHybrid(nn.Module):
         bos_valid = valid.any(dim=1, keepdim=True)  # an all-padding window stays inert, BOS included
         return torch.cat([bos, tokens], 1), torch.cat([bos_valid, valid], 1), True
 
+    def _window_context(
+        self, tokens: Tensor, state: FastWeights
+    ) -> tuple[Tensor, Tensor, bool, list[tuple[Tensor, Tensor]], Tensor, PassContext]:
+        """What every pass over a window shares: slot ids and validity (`_window_slots`), whether a BOS opened it,
+        the state's K/V prefix, key validity [B, P + n] and the pass context."""
+        ids, valid, has_bos = self._window_slots(tokens, state)
+        prefix = list(state.kv)
+        P = prefix[0][0].shape[2] if prefix else 0
+        prefix_valid = state.kv_valid.bool() if state.kv_valid is not None else valid.new_zeros(valid.shape[0], 0)
+        key_valid = torch.cat([prefix_valid, valid], 1)
+        return ids, valid, has_bos, prefix, key_valid, self._pass_context(ids.shape[1], P, key_valid)
+
+    def _pass_context(self, n: int, P: int, key_valid: Tensor) -> PassContext:
+        """The context of a pass over ``n`` window slots after ``P`` prefix keys (key_valid [B, P + n] bool):
+        positions, the attention mask, and the slots' validity where padding exists (None otherwise: no masking)."""
+        valid = key_valid[:, P:]
+        any_pad = self.config.pad_token_id is not None and not bool(valid.all())
+        positions = torch.arange(n, device=key_valid.device).expand(key_valid.shape[0], n)
+        return PassContext(positions=positions, mask=self._mask(n, P, key_valid), valid=valid if any_pad else None)
+
     def _next_state(
         self, ssm: list[Tensor], kvs: list[tuple[Tensor, Tensor]], key_valid: Tensor, n_slots: int, fp: str
     ) -> FastWeights:
@@ -478,20 +498,13 @@ class SleepHybrid(nn.Module):
         ``wake_features`` returns pass 1's features instead (what wake decoding predicts from, before the window is
         slept) with the state after all ``passes``: a window as an engine lives it (chat fine-tuning).
         """
-        B, T = tokens.shape
+        T = tokens.shape[1]
         if T > self.config.window:
             raise WindowOverflow(f"{T} tokens do not fit a window of L={self.config.window}; split them or sleep")
         if passes < 1:
             raise InvalidInput(f"passes must be ≥ 1, got {passes}")
-        ids, valid, has_bos = self._window_slots(tokens, state)
+        ids, _, has_bos, prefix, key_valid, ctx = self._window_context(tokens, state)
         n = ids.shape[1]
-        prefix = list(state.kv)
-        P = prefix[0][0].shape[2] if prefix else 0
-        prefix_valid = state.kv_valid.bool() if state.kv_valid is not None else valid.new_zeros(B, 0)
-        key_valid = torch.cat([prefix_valid, valid], 1)
-        positions = torch.arange(n, device=ids.device).expand(B, n)
-        any_pad = self.config.pad_token_id is not None and not bool(valid.all())
-        ctx = PassContext(positions=positions, mask=self._mask(n, P, key_valid), valid=valid if any_pad else None)
         h = self.embed_tokens(ids)
         ssm = list(state.ssm)
         kvs: list = []
@@ -672,14 +685,7 @@ class SleepHybrid(nn.Module):
         kvs: list = [st.kv for st in cache.layers if st.kv is not None]
         n, P = cache.ids.shape[1], cache.prefix_len
         if N > 1 and n > 0:
-            B = cache.ids.shape[0]
-            valid = cache.key_valid[:, P:]
-            any_pad = self.config.pad_token_id is not None and not bool(valid.all())
-            ctx = PassContext(
-                positions=torch.arange(n, device=self.device).expand(B, n),
-                mask=self._mask(n, P, cache.key_valid),
-                valid=valid if any_pad else None,
-            )
+            ctx = self._pass_context(n, P, cache.key_valid)
             h, prefix = cache.h, list(cache.state.kv)
             lo, hi = self.config.loop_range()
             for _ in range(N - 1):
