@@ -476,7 +476,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--passes-dist",
         default="fixed",
-        choices=["fixed", "uniform", "lognormal_poisson"],
+        choices=["fixed", "uniform", "log_uniform", "lognormal_poisson"],
         help="sampled-N training: every --passes value is N_max of a draw over passes-min..N_max",
     )
     p.add_argument("--passes-min", type=int, default=1)

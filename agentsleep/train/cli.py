@@ -67,10 +67,11 @@ def parse_curriculum(text: str | None) -> list[tuple[int, dict[str, Any]]]:
 )
 @click.option(
     "--passes-dist",
-    type=click.Choice(["fixed", "uniform", "lognormal-poisson"]),
+    type=click.Choice(["fixed", "uniform", "log-uniform", "lognormal-poisson"]),
     default="fixed",
     show_default=True,
-    help="Sampled-N training: draw N per window from U{passes-min..N} or Geiping et al.'s log-normal Poisson.",
+    help="Sampled-N training: draw N per window from U{passes-min..N}, P(N=n) ∝ 1/n (log-uniform) or Geiping et "
+    "al.'s log-normal Poisson.",
 )
 @click.option("--passes-min", default=1, show_default=True, help="Smallest N drawn by --passes-dist.")
 @click.option("--passes-mean", type=float, default=None, help="lognormal-poisson: mean N [(min + N) / 2].")

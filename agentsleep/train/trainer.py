@@ -45,7 +45,7 @@ from agentsleep.train.optim import OptimizerName, Optimizers, lr_factor
 
 log = logging.getLogger(__name__)
 
-PassesDist = Literal["fixed", "uniform", "lognormal_poisson"]
+PassesDist = Literal["fixed", "uniform", "log_uniform", "lognormal_poisson"]
 PASSES_STREAM = 0x5EED_9A55  # tags the N-draw stream so it never coincides with a task's data stream
 
 RESUME_DIR = "resume"
@@ -77,7 +77,8 @@ class TrainConfig(BaseModel):
     passes_dist: PassesDist = Field(
         "fixed",
         description="how N is chosen per training window (or step): 'fixed' = always `passes`; 'uniform' = "
-        "U{passes_min..passes}; 'lognormal_poisson' = 1 + Poisson(λ), log λ ~ N(log(passes_mean − 1) − σ²/2, σ), "
+        "U{passes_min..passes}; 'log_uniform' = P(N = n) ∝ 1/n on [passes_min, passes] (about equal mass per "
+        "doubling of N); 'lognormal_poisson' = 1 + Poisson(λ), log λ ~ N(log(passes_mean − 1) − σ²/2, σ), "
         "redrawn until it lies in [passes_min, passes] (Geiping et al. 2025, §3.1; see docs/training.md)",
     )
     passes_min: int = Field(1, ge=1, description="smallest N a sampled passes_dist draws")
@@ -214,6 +215,8 @@ def passes_probs(cfg: TrainConfig) -> dict[int, float]:
         return {hi: 1.0}
     if cfg.passes_dist == "uniform":
         return {n: 1.0 / (hi - lo + 1) for n in range(lo, hi + 1)}
+    if cfg.passes_dist == "log_uniform":
+        return _log_uniform(lo, hi)
     draws = _draw(cfg, np.random.default_rng(0), 200_000)
     return {n: float(np.mean(draws == n)) for n in range(lo, hi + 1)}
 
@@ -223,6 +226,9 @@ def _draw(cfg: TrainConfig, rng: np.random.Generator, n: int) -> np.ndarray:
     lo, hi = cfg.passes_min, cfg.passes
     if cfg.passes_dist == "uniform":
         return rng.integers(lo, hi + 1, size=n)
+    if cfg.passes_dist == "log_uniform":
+        probs = _log_uniform(lo, hi)
+        return rng.choice(np.array(list(probs)), size=n, p=np.array(list(probs.values())))
     # Geiping et al. 2025 (§3.1): τ ~ N(log r̄ − σ²/2, σ), r ~ Poisson(e^τ) + 1, so E[r] = r̄ + 1 untruncated; we shift
     # by one so that E[N] = passes_mean, and redraw values outside [lo, hi] (truncation keeps the shape inside).
     mean = cfg.passes_mean if cfg.passes_mean is not None else (lo + hi) / 2
@@ -232,6 +238,14 @@ def _draw(cfg: TrainConfig, rng: np.random.Generator, n: int) -> np.ndarray:
         r = rng.poisson(np.exp(tau)) + 1
         out = np.concatenate([out, r[(r >= lo) & (r <= hi)]])
     return out[:n]
+
+
+def _log_uniform(lo: int, hi: int) -> dict[int, float]:
+    """P(N = n) ∝ 1/n on [lo, hi]: the discrete log-uniform, so N = 1, 2, 3-4 and 5-8 each get a similar share (0.37,
+    0.18, 0.22, 0.23 for 1..8) where U{1..8} gives 5-8 half of all draws and N = 2 an eighth."""
+    weights = {n: 1.0 / n for n in range(lo, hi + 1)}
+    total = sum(weights.values())
+    return {n: w / total for n, w in weights.items()}
 
 
 def draw_passes(cfg: TrainConfig, data_seed: int, step: int, n_windows: int) -> list[int]:
@@ -252,10 +266,13 @@ def passes_label(cfg: TrainConfig) -> str:
     if not cfg.sampled_passes:
         return str(cfg.passes)
     rng = f"{{{cfg.passes_min}..{cfg.passes}}}"
+    per = " per step" if cfg.passes_per == "step" else ""
     if cfg.passes_dist == "uniform":
-        return "U" + rng + (" per step" if cfg.passes_per == "step" else "")
+        return "U" + rng + per
+    if cfg.passes_dist == "log_uniform":
+        return "LogU" + rng + per
     mean = cfg.passes_mean if cfg.passes_mean is not None else (cfg.passes_min + cfg.passes) / 2
-    return f"LNP{rng} mean {mean:g}" + (" per step" if cfg.passes_per == "step" else "")
+    return f"LNP{rng} mean {mean:g}" + per
 
 
 def make_task(cfg: TrainConfig, stage: dict[str, Any] | None = None) -> Task:

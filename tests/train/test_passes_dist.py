@@ -53,6 +53,19 @@ def test_lognormal_poisson_mean_and_truncation() -> None:
     assert abs(draws.mean() - sum(n * p for n, p in probs.items())) < 0.1
 
 
+def test_log_uniform_is_one_over_n_and_matches_its_draws() -> None:
+    cfg = tiny(passes=8, passes_dist="log_uniform")
+    assert passes_label(cfg) == "LogU{1..8}"
+    probs = passes_probs(cfg)
+    assert set(probs) == set(range(1, 9)) and sum(probs.values()) == pytest.approx(1.0)
+    assert all(probs[n] * n == pytest.approx(probs[1]) for n in probs)  # P(N = n) ∝ 1/n
+    draws = np.concatenate([draw_passes(cfg, 3, s, 4) for s in range(5000)])
+    freq = np.bincount(draws, minlength=9)[1:] / draws.size
+    assert np.allclose(freq, [probs[n] for n in range(1, 9)], atol=0.012)
+    shifted = passes_probs(tiny(passes=8, passes_dist="log_uniform", passes_min=2))
+    assert set(shifted) == set(range(2, 9)) and shifted[2] == pytest.approx(2 * shifted[4])
+
+
 def test_bad_dist_settings_are_refused() -> None:
     with pytest.raises(ValueError):
         tiny(passes=2, passes_dist="uniform", passes_min=3)
@@ -154,3 +167,7 @@ def test_cli_sampled_n_and_one_line_errors(tmp_path: Path) -> None:
     bad = CliRunner().invoke(main, [*base, "--passes", "2", "--passes-dist", "uniform", "--passes-min", "3",
                                     "--out", str(tmp_path / "bad")])  # fmt: skip
     assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "passes_min" in bad.output
+    logu_args = [*base, "--passes", "4", "--passes-dist", "log-uniform", "--out", str(tmp_path / "lu")]
+    logu = CliRunner().invoke(main, logu_args)
+    assert logu.exit_code == 0, logu.output
+    assert json.loads((tmp_path / "lu" / "train_config.json").read_text())["passes_dist"] == "log_uniform"
