@@ -58,19 +58,22 @@ def describe(path: Path) -> dict[str, Any]:
     }
 
 
-def cached_score(path: Path, n: int | str, size: int, cache_dir: Path | None = SCORES, **auto: Any) -> dict[str, float]:
-    """`score_checkpoint` at one N (or "auto"), memoised under runs/evals/scores/ by the weights' hash and the
-    settings, so re-running a report (or the adaptive sweep) does not re-score what it already scored."""
+def cached_score(
+    path: Path, n: int | str, size: int, cache_dir: Path | None = SCORES, *, seed: int = 0, **auto: Any
+) -> dict[str, float]:
+    """`score_checkpoint` at one N (or "auto") on held-out split `test` with ``seed``, memoised under
+    runs/evals/scores/ by the weights' hash and the settings, so re-running a report (or the adaptive sweep) does not
+    re-score what it already scored."""
     h = hashlib.sha256((path / "model.safetensors").read_bytes())
     h.update((path / "config.json").read_bytes())
-    h.update(json.dumps([n, size, sorted(auto.items())]).encode())
+    h.update(json.dumps([n, size, sorted(auto.items())] + ([seed] if seed else [])).encode())
     cache = cache_dir / f"{h.hexdigest()[:24]}.json" if cache_dir is not None else None
     if cache is not None and cache.is_file():
         return json.loads(cache.read_text())
-    scores = _trainer_scores(path, n, size) if not auto else None
+    scores = _trainer_scores(path, n, size) if not auto and seed == 0 else None
     if scores is None:
-        log.info("scoring %s at N=%s %s", path, n, auto or "")
-        scores = score_checkpoint(path, [n], size=size, seed=0, **auto)[n]
+        log.info("scoring %s at N=%s seed %d %s", path, n, seed, auto or "")
+        scores = score_checkpoint(path, [n], size=size, seed=seed, **auto)[n]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(scores))

@@ -71,3 +71,25 @@ def test_adaptive_report(ckpts: dict[str, Path], tmp_path: Path) -> None:
     md = (tmp_path / "a.md").read_text()
     assert "python -m evals.adaptive --models" in md and "auto, kl < 1e+09" in md
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+    assert data["select_seed"] is None and adaptive.held_out_choice(data, "exact") is None
+
+
+def test_adaptive_tolerance_is_chosen_on_another_held_out_set(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    argv = ["--models", str(ckpts["any0"]), str(ckpts["any1"]), "--max-passes", "4", "--fixed-passes", "2",
+            "--state-tols", "0", "1e9", "--kl-tols", "--size", "32", "--select-seed", "5", "--name", "s",
+            "--results-dir", str(tmp_path), "--scores-dir", str(tmp_path / "memo")]  # fmt: skip
+    data = adaptive.main(argv)
+    for m in data["models"]:
+        sel = m["select"]
+        assert sel["seed"] == 5 and len(sel["auto"]) == 2
+        other = score_checkpoint(Path(m["path"]), [4], size=32, seed=5)[4]
+        assert sel["fixed"]["exact"] == other["exact"]  # N_max on the selection set, not the reported one
+        assert sel["auto"][0]["mean_passes"] == 4.0 and sel["auto"][1]["mean_passes"] == 2.0
+    choice = adaptive.held_out_choice(data, "exact")
+    ref = sum(m["select"]["fixed"]["exact"] for m in data["models"]) / 2
+    stop_early = sum(m["select"]["auto"][1]["exact"] for m in data["models"]) / 2
+    if ref - stop_early <= 0.01:  # tol 1e9 saves 50%: chosen iff it loses ≤ 1 point on the selection set
+        assert choice is not None and choice["tol"] == 1e9 and choice["test"]["saving"] == pytest.approx(0.5)
+    else:
+        assert choice is None
+    assert "chosen on a separate held-out set" in (tmp_path / "s.md").read_text()
