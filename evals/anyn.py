@@ -54,6 +54,7 @@ def describe(path: Path) -> dict[str, Any]:
         "passes": tc.passes,
         "trained_n": passes_label(tc),
         "sampled": tc.sampled_passes,
+        "steps": tc.steps,
         "task": checkpoint_task(path, config=cfg).describe(),
     }
 
@@ -109,10 +110,12 @@ def score_all(paths: list[Path], passes: list[int | str], size: int, cache_dir: 
 
 
 def group(models: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Checkpoints by training N (the seeds of one recipe), in input order."""
+    """Checkpoints by training N (the seeds of one recipe), in input order; by N and steps where the steps differ
+    (the same recipe trained longer is another row)."""
+    by_steps = len({m.get("steps") for m in models}) > 1
     out: dict[str, list[dict[str, Any]]] = {}
     for m in models:
-        out.setdefault(m["trained_n"], []).append(m)
+        out.setdefault(m["trained_n"] + (f", {m['steps']} steps" if by_steps else ""), []).append(m)
     return out
 
 

@@ -93,3 +93,9 @@ def test_adaptive_tolerance_is_chosen_on_another_held_out_set(ckpts: dict[str, P
     else:
         assert choice is None
     assert "chosen on a separate held-out set" in (tmp_path / "s.md").read_text()
+
+
+def test_the_same_recipe_trained_longer_is_its_own_row() -> None:
+    ms = [{"trained_n": "U{1..8}", "steps": s, "seed": i} for i, s in enumerate([900, 900, 1500])]
+    assert list(anyn.group(ms)) == ["U{1..8}, 900 steps", "U{1..8}, 1500 steps"]
+    assert list(anyn.group(ms[:2])) == ["U{1..8}"]  # one length: no steps in the label
