@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from evals.anyn import RESULTS, SCORES, cached_score, describe, mean_std
-from evals.report import command_line, write_report
+from evals.report import command_line, command_section, write_report
 
 log = logging.getLogger("evals.adaptive")
 
@@ -123,11 +123,7 @@ def markdown(args: argparse.Namespace, data: dict[str, Any], command: str) -> st
         f"Task: `{ms[0]['task']}`. Metric: `{metric}` on {args.size} held-out examples (split `test`, seed 0). "
         f"Passes: mean over every slept window of every example; N_max = {nmax}.",
         "",
-        "Command:",
-        "",
-        "```",
-        command,
-        "```",
+        *command_section(command),
         "",
         f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} on 2 shared CPU cores (one thread).",
         "",

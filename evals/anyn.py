@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from agentsleep.train.eval_cli import read_config, score_checkpoint
-from evals.report import command_line, write_report
+from evals.report import command_line, command_section, write_report
 
 log = logging.getLogger("evals.anyn")
 
@@ -148,11 +148,7 @@ def markdown(args: argparse.Namespace, data: dict[str, Any], command: str) -> st
         f"Task: `{task}`. Metric: `{metric}` on {args.size} held-out examples (split `test`, seed 0: the set every run "
         "below was scored on at the end of training), teacher-forced argmax.",
         "",
-        "Command:",
-        "",
-        "```",
-        command,
-        "```",
+        *command_section(command),
         "",
         f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} on 2 shared CPU cores (one thread).",
         "",

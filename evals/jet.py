@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from evals import model as harness
-from evals.report import command_line, write_report
+from evals.report import RERUN, command_line, command_section, write_report
 
 log = logging.getLogger("evals.jet")
 
@@ -71,12 +71,7 @@ def report(args: argparse.Namespace, per_kind: dict[str, dict[str, Any]], comman
         f"Task: `{task.describe()}`. Metric: `exact` on {first.final_eval_size} held-out examples (split `test`, seed "
         "0), teacher-forced argmax. Model: `a` + one memory block (`g` GDN or `j` Jet), d = 64; everything else equal.",
         "",
-        "Command (re-running it loads the finished runs from `runs/evals/`; deleting them retrains bit-identically, "
-        "except wall times):",
-        "",
-        "```",
-        command,
-        "```",
+        *command_section(command, RERUN),
         "",
         f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} on {platform.machine()} ({os.cpu_count()} "
         f"CPUs, shared with other jobs; one thread per run, nice 10). Training: {args.steps} steps x batch "

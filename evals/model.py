@@ -42,7 +42,7 @@ import numpy as np
 
 from agentsleep.train.cli import parse_curriculum, parse_overrides
 from agentsleep.train.trainer import TrainConfig, load_log, make_task, passes_label
-from evals.report import command_line, write_report
+from evals.report import RERUN, command_line, command_section, write_report
 
 log = logging.getLogger("evals.model")
 
@@ -307,12 +307,7 @@ def markdown(args: argparse.Namespace, data: dict[str, Any], command: str) -> st
         f"Task: `{task.describe()}`. Metric: `{metric}` on {args.final_eval_size} held-out examples (split `test`, "
         f"seed 0), teacher-forced argmax (equal to greedy exact match, paper.md A25).",
         "",
-        "Command (re-running it loads the finished runs from `runs/evals/`; deleting them retrains bit-identically, "
-        "except wall times):",
-        "",
-        "```",
-        command,
-        "```",
+        *command_section(command, RERUN),
         "",
         f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} on {platform.machine()} "
         f"({os.cpu_count()} CPUs, shared; one thread per run). Training: {args.steps} steps x batch {args.batch_size}"

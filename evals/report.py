@@ -18,6 +18,17 @@ def command_line(module: str, argv: Sequence[str]) -> str:
     return f"python -m {module} " + " ".join(shlex.quote(a) for a in argv)
 
 
+RERUN = (  # the intro of a harness whose runs are memoised under runs/evals/
+    "Command (re-running it loads the finished runs from `runs/evals/`; deleting them retrains bit-identically, "
+    "except wall times):"
+)
+
+
+def command_section(command: str, intro: str = "Command:") -> list[str]:
+    """The report's Markdown lines that name the command reproducing it (``intro``, then the command fenced)."""
+    return [intro, "", "```", command, "```"]
+
+
 def write_report(results_dir: Path, name: str, data: Any, markdown: str, plot: Callable[[Path], None]) -> Path:
     """Write ``data`` (JSON), ``markdown`` and the ``plot`` (called with the PNG path); returns the path stem."""
     results_dir.mkdir(parents=True, exist_ok=True)
