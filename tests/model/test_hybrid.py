@@ -125,27 +125,34 @@ def test_n1_equals_plain_hybrid_to_float64_precision(eviction, bos):
         assert (aligned[:, t] - flat[:, src]).abs().max().item() <= 1e-9
 
 
-@pytest.mark.parametrize("eviction", ["hard", "sliding"])
-def test_window_api_equals_algorithm1_and_decoding_equals_parallel(eviction):
-    m = make(eviction)
-    N, L = 3, m.config.window
-    tokens = toks(2, 20, seed=1)
+def three_ways(m: SleepHybrid, tokens: torch.Tensor, N: int = 3, prefix: int = 18):
+    """The same sequence through Algorithm 1 (one parallel call), the window API (`sleep` per window, then
+    `forward_chunk`) and token-by-token decoding (`extend`, `sleep_window`): (aligned logits, chunk logits, decoded
+    logits, S after the window API, S after decoding)."""
+    L, B = m.config.window, tokens.shape[0]
     mask = torch.zeros_like(tokens)
-    mask[:, 18:] = 1
+    mask[:, prefix:] = 1
     with torch.no_grad():
         aligned, _ = m(tokens, mask, passes=N)
-        st = m.init_state(2)
-        for s in range(0, 18, L):
+        st = m.init_state(B)
+        for s in range(0, prefix, L):
             st = m.sleep(tokens[:, s : s + L], st, N)
-        chunk_logits, _ = m.forward_chunk(tokens[:, 18:], st)
-        st2 = m.init_state(2)
-        for s in range(0, 18, L):
+        chunk_logits, _ = m.forward_chunk(tokens[:, prefix:], st)
+        st2 = m.init_state(B)
+        for s in range(0, prefix, L):
             cache = m.start_window(st2)
             for i in range(L):  # one token at a time
                 m.extend(cache, tokens[:, s + i : s + i + 1])
             st2 = m.sleep_window(cache, N)
         cache = m.start_window(st2)
-        step = torch.cat([m.extend(cache, tokens[:, t : t + 1]) for t in (18, 19)], 1)
+        step = torch.cat([m.extend(cache, tokens[:, t : t + 1]) for t in range(prefix, tokens.shape[1])], 1)
+    return aligned, chunk_logits, step, st, st2
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_window_api_equals_algorithm1_and_decoding_equals_parallel(eviction):
+    m = make(eviction)
+    aligned, chunk_logits, step, st, st2 = three_ways(m, toks(2, 20, seed=1))
     assert torch.allclose(chunk_logits[:, 0], aligned[:, 19], atol=1e-10)
     assert torch.allclose(step, chunk_logits, atol=1e-9)
     for a, b in zip(st.ssm, st2.ssm):

@@ -16,6 +16,7 @@ from agentsleep.model.hybrid import HybridConfig, SleepHybrid
 from agentsleep.model.jet import JetGatedDeltaNet, dynamic_short_conv, dynamic_short_conv_reference
 from agentsleep.model.layers import apply_rope, rope_cos_sin
 from agentsleep.model.ops import gated_delta_rule_reference
+from tests.model.test_hybrid import three_ways
 
 V, BOS, PAD = 9, 7, 8
 
@@ -206,24 +207,8 @@ def test_n1_equals_the_flat_plain_jet_hybrid() -> None:
 @pytest.mark.parametrize("layout", ["ajaj", "agaj"])
 def test_decoding_and_window_api_equal_algorithm1(eviction: str, layout: str) -> None:
     m = make(layout, eviction)
-    N, L = 3, m.config.window
-    tokens = toks(2, 20, seed=1)
-    mask = torch.zeros_like(tokens)
-    mask[:, 18:] = 1
-    with torch.no_grad():
-        aligned, _ = m(tokens, mask, passes=N)
-        st = m.init_state(2)
-        for s in range(0, 18, L):
-            st = m.sleep(tokens[:, s : s + L], st, N)
-        chunk_logits, _ = m.forward_chunk(tokens[:, 18:], st)
-        st2 = m.init_state(2)
-        for s in range(0, 18, L):
-            cache = m.start_window(st2)
-            for i in range(L):
-                m.extend(cache, tokens[:, s + i : s + i + 1])
-            st2 = m.sleep_window(cache, N)
-        cache = m.start_window(st2)
-        step = torch.cat([m.extend(cache, tokens[:, t : t + 1]) for t in (18, 19)], 1)
+    N, tokens = 3, toks(2, 20, seed=1)
+    aligned, chunk_logits, step, st, st2 = three_ways(m, tokens, N)
     torch.testing.assert_close(chunk_logits[:, 0], aligned[:, 19], rtol=0, atol=1e-10)
     torch.testing.assert_close(step, chunk_logits, rtol=0, atol=1e-9)
     for a, b in zip(st.ssm, st2.ssm):
