@@ -215,8 +215,9 @@ def goal_lines(data: dict[str, Any], args: argparse.Namespace) -> list[str]:
             for i in range(len(ns) - 1)
             if means[i + 1] < means[i]
         ]
+        seeds = f"{len(ms)} seed" + ("s" if len(ms) != 1 else "")
         out.append(
-            f"* `{label}` ({len(ms)} seeds): non-decreasing in N: **{'yes' if mono else 'no'}**"
+            f"* `{label}` ({seeds}): non-decreasing in N: **{'yes' if mono else 'no'}**"
             + (f" — drops at {', '.join(drops)}" if drops else "")
             + "."
         )
