@@ -58,16 +58,17 @@ gsm() {  # question last and first: N=1 for 500 steps, then N=1 and N=2 both con
 
 anyn() {  # one model for every sleep depth (issue 17): N ~ U{1..8} per window, the fixed-N recipes otherwise
   # evals/results/{rule110_w16_t2,depo_micro}_anyN{,_vs_n,_adaptive}.md; ships seed 0 of each. Rule 110 trains 1,500
-  # steps (the 900 of the fixed-N recipe left N = 2 short on one seed; docs/training.md, round 2). The committed runs
-  # were continued from step 900 (constant LR after warm-up and a per-step data stream: the same run).
+  # steps (the 900 of the fixed-N recipe left N = 2 short on one seed) and Depo 10,000 (5,000 left one seed on the
+  # one-hop plateau); docs/training.md, rounds 2 and 3. Some committed runs were continued from their resume state
+  # at step 900 / 5,000 (constant LR after warm-up and a per-step data stream: the same run, bit for bit).
   $PY -m evals.model --task rule110 --set W=16 --set t=2 --model layout=ag --passes 8 --passes-dist uniform \
     --eval-passes 1 2 4 8 --seeds 0 1 2 --curriculum '0:t=1;300:' --steps 1500 --batch-size 32 --eval-every 100 \
     --eval-size 512 --final-eval-size 4096 --save-every 300 --jobs 2 --name rule110_w16_t2_anyN_1500
   $PY -m evals.model --task depo --preset micro --model layout=ag --passes 8 --passes-dist uniform \
-    --eval-passes 1 2 4 8 --seeds 0 1 2 --curriculum '0:K=1;300:' --steps 5000 --batch-size 32 --eval-every 250 \
-    --eval-size 256 --final-eval-size 2000 --save-every 1000 --jobs 2 --name depo_micro_anyN
+    --eval-passes 1 2 4 8 --seeds 0 1 2 --curriculum '0:K=1;300:' --steps 10000 --batch-size 32 --eval-every 250 \
+    --eval-size 256 --final-eval-size 2000 --save-every 1000 --jobs 2 --name depo_micro_anyN_10k
   ship runs/evals/rule110_w16_t2_anyN_1500/n8-uniform-s0 rule110-w16-t2-anyN
-  ship runs/evals/depo_micro_anyN/n8-uniform-s0 depo-micro-anyN
+  ship runs/evals/depo_micro_anyN_10k/n8-uniform-s0 depo-micro-anyN
 }
 
 for what in "${@:-rule110 depo gsm anyn}"; do
