@@ -16,7 +16,7 @@ from agentsleep.model.hybrid import HybridConfig, SleepHybrid
 from agentsleep.model.jet import JetGatedDeltaNet, dynamic_short_conv, dynamic_short_conv_reference
 from agentsleep.model.layers import apply_rope, rope_cos_sin
 from agentsleep.model.ops import gated_delta_rule_reference
-from tests.model.test_hybrid import three_ways
+from tests.model.equivalence import three_ways
 
 V, BOS, PAD = 9, 7, 8
 
